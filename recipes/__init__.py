@@ -1,0 +1,1 @@
+"""Bundled tqpatch recipes (``<model>.safetensors``), shipped as package data."""

@@ -1,0 +1,1 @@
+"""Decode-attention kernels: the plain-torch reference and the CUDA (Triton) fast path."""
