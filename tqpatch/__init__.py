@@ -18,3 +18,8 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["lloyd_max", "QuantizedVectors", "SplitQuantizer", "TurboQuantizer", "__version__"]
+
+from .cache import TurboQuantCache, cache_nbytes  # noqa: E402
+from .patch import SUPPORTED_MODEL_TYPES, apply, is_patched, unapply  # noqa: E402
+
+__all__ += ["TurboQuantCache", "cache_nbytes", "apply", "unapply", "is_patched", "SUPPORTED_MODEL_TYPES"]

@@ -21,9 +21,12 @@ from ..packing import unpack
 __all__ = ["slot_positions", "history_attention"]
 
 
-def slot_positions(n: torch.Tensor, capacity: int, ring: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absolute position held by each slot and whether the slot holds anything: ``([C], [C])``."""
-    s = torch.arange(capacity, device=device)
+def slot_positions(
+    n: torch.Tensor, capacity: int, ring: bool, device: torch.device, stop: int | None = None, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute position held by each slot in ``[offset, stop)`` (default: all ``capacity``
+    slots) and whether the slot holds anything."""
+    s = torch.arange(offset, capacity if stop is None else stop, device=device)
     if not ring:
         return s, s < n
     wrapped = s + capacity * torch.div(n - 1 - s, capacity, rounding_mode="floor")
@@ -49,6 +52,8 @@ def history_attention(
     ring: bool = False,
     q_pos: torch.Tensor | None = None,
     window: int = 0,
+    capacity: int | None = None,
+    slot_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of rotated queries over the compressed history.
 
@@ -64,6 +69,9 @@ def history_attention(
         ring: slots are a ring buffer (sliding-window layers).
         q_pos: ``[Q]`` absolute query positions, needed only with ``window``.
         window: sliding window (a query at ``p`` sees keys at ``> p - window``); 0: none.
+        capacity, slot_offset: when the codes passed are slots ``slot_offset ..
+            slot_offset + C - 1`` of a store of ``capacity`` slots (eager callers slice to the
+            filled slots, in tiles, so cost follows the length); default: the whole store.
 
     Returns:
         ``(out_rot [B, Hq, Q, d] float32, lse [B, Hq, Q] float32)``: the softmax-weighted sum of
@@ -78,7 +86,7 @@ def history_attention(
     scores = (q @ kc.transpose(-1, -2)) * (k_scales.to(torch.float32) * scaling).unsqueeze(-2)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
-    pos, filled = slot_positions(n.reshape(()), C, ring, q_rot.device)
+    pos, filled = slot_positions(n.reshape(()), capacity or C, ring, q_rot.device, slot_offset + C, slot_offset)
     visible = filled & (pos >= start.reshape(B, 1, 1))  # [B, 1, C]
     visible = visible.unsqueeze(1).expand(B, Hkv, G * Q, C)
     if window:
