@@ -77,7 +77,8 @@ class LayerPlan:
         """Slots of the (compressed or full-precision) history store and whether it is a ring."""
         if self.sliding_window:
             # A query at p sees keys > p - W: W - 1 earlier tokens, R of them in the window.
-            return max(min(self.sliding_window - 1, max_cache_len) - self.window, 0), True
+            # (Independent of max_cache_len, so a growing cache never needs a larger ring.)
+            return max(self.sliding_window - 1 - self.window, 0), True
         return max_cache_len, False
 
 
@@ -160,7 +161,7 @@ class TurboQuantLayer(CacheLayerMixin):
             return
         new_len = max(needed, 2 * self.capacity)
         logger.info("layer %d: growing K/V storage from %d to %d positions", self.plan.layer_idx, self.capacity, new_len)
-        old = {k: getattr(self, k) for k in ("k_codes", "k_scales", "v_codes", "v_scales", "keys", "values") if hasattr(self, k)}
+        old = {k: getattr(self, k) for k in self._row_tensors()[:-3]}
         self.capacity = new_len
         self.max_cache_len = new_len
         for k, t in old.items():
@@ -193,18 +194,21 @@ class TurboQuantLayer(CacheLayerMixin):
             for t in self.tensors():
                 t.zero_()
 
+    _ROW_TENSORS = ("k_codes", "k_scales", "v_codes", "v_scales", "keys", "values", "win_k", "win_v", "start")
+
+    def _row_tensors(self) -> list[str]:
+        return [k for k in self._ROW_TENSORS if getattr(self, k, None) is not None]
+
     def _select_rows(self, fn) -> None:
-        for name in ("k_codes", "k_scales", "v_codes", "v_scales", "keys", "values", "win_k", "win_v", "start"):
-            if hasattr(self, name):
-                setattr(self, name, fn(getattr(self, name)))
+        for name in self._row_tensors():
+            setattr(self, name, fn(getattr(self, name)))
         self.batch_size = self.start.shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
-            for name in ("k_codes", "k_scales", "v_codes", "v_scales", "keys", "values", "win_k", "win_v", "start"):
-                if hasattr(self, name):
-                    t = getattr(self, name)
-                    t.copy_(t.index_select(0, beam_idx.to(t.device)))
+            for name in self._row_tensors():
+                t = getattr(self, name)
+                t.copy_(t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -286,7 +290,10 @@ class TurboQuantCache(Cache):
 
     @property
     def is_compileable(self) -> bool:
-        return True
+        # False keeps generate() from compiling on its own and from precomputing 4-D masks
+        # (tqpatch builds its masks from positions). Compile the decode step yourself: see
+        # tqpatch.bench / the README.
+        return False
 
     def get_seq_length(self, layer_idx: int = 0):
         return self.layers[layer_idx].get_seq_length()

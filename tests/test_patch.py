@@ -1,0 +1,229 @@
+"""The patcher on tiny random models of every supported architecture (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import ARCHS, tiny_model
+
+import tqpatch
+from tqpatch import packing
+from tqpatch.cache import TurboQuantCache
+
+
+def _decode_logits(model, ids, prompt_len, cache=None):
+    with torch.no_grad():
+        out = model(ids[:, :prompt_len], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = [out.logits[:, -1:]]
+        for t in range(prompt_len, ids.shape[1]):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, 1), cache
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_8bit_decode_matches_unpatched(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(1, 256, (2, 8 + 32), generator=torch.Generator().manual_seed(3))
+    ref, _ = _decode_logits(model, ids, 8)
+    tqpatch.apply(model, key_bits=8, value_bits=8, window=0)
+    got, cache = _decode_logits(model, ids, 8)
+    assert isinstance(cache, TurboQuantCache)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 2e-2, f"{arch}: relative error {rel:.3g} over 32 decode steps"
+    tqpatch.unapply(model)
+    again, _ = _decode_logits(model, ids, 8)
+    assert torch.equal(again, ref), "unapply must restore the model bit for bit"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_4bit_generate_and_exact_storage_bytes(arch):
+    head_dim = 128
+    model = tiny_model(arch, head_dim=head_dim)
+    ids = torch.randint(1, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    tqpatch.apply(model, key_bits=4, value_bits=4, window=0)
+    max_len = 64
+    cache = TurboQuantCache(model, max_cache_len=max_len, batch_size=1)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    assert out.shape == (1, 22)
+    # Exactly the format's bytes: codes (d*b/8) + one fp16 scale per vector, K and V, per slot.
+    expected = 0
+    for layer in cache.layers:
+        slots = layer.capacity * layer.plan.num_kv_heads
+        per_vec = packing.packed_size(head_dim, 4) + 2
+        expected += 2 * slots * per_vec
+    assert tqpatch.cache_nbytes(cache) == expected
+    bf16 = sum(2 * layer.capacity * layer.plan.num_kv_heads * head_dim * 2 for layer in cache.layers)
+    assert tqpatch.cache_nbytes(cache) <= 0.27 * bf16
+    # no full-precision history anywhere: only codes, scales and bookkeeping
+    for layer in cache.layers:
+        assert layer.win_k.numel() == 0 and not hasattr(layer, "keys") or layer.keys is None
+
+
+def test_rotated_domain_attention_matches_float64_dequantized():
+    from tqpatch.kernels.reference import history_attention
+    from tqpatch.quantizer import TurboQuantizer
+
+    g = torch.Generator().manual_seed(5)
+    for d in (64, 128, 256):
+        for bits in (2, 3, 4):
+            for group in (1, 4, 7):
+                B, Hkv, T = 2, 2, 37
+                kq = TurboQuantizer(d, bits, seed=d + bits, scale_dtype=torch.float16)
+                vq = TurboQuantizer(d, bits, seed=d + bits, scale_dtype=torch.float16)
+                k = torch.randn(B, Hkv, T, d, generator=g)
+                v = torch.randn(B, Hkv, T, d, generator=g)
+                q = torch.randn(B, Hkv * group, 1, d, generator=g)
+                kqv, vqv = kq.quantize(k), vq.quantize(v)
+                start = torch.tensor([0, 5])
+                t = kq.tensors("cpu")
+                out, lse = history_attention(
+                    q @ t["matrix"].T, kqv.codes, kqv.scales, vqv.codes, vqv.scales, t["centroids"],
+                    vq.tensors("cpu")["centroids"], torch.tensor(T), start, key_bits=bits, value_bits=bits,
+                    scaling=d**-0.5,
+                )
+                out = out @ t["matrix"]
+                # float64 reference over the dequantized K/V
+                kd = kq.dequantize(kqv).double().repeat_interleave(group, 1)
+                vd = vq.dequantize(vqv).double().repeat_interleave(group, 1)
+                s = (q.double() @ kd.transpose(-1, -2)) * d**-0.5
+                s[1, :, :, :5] = float("-inf")
+                ref = torch.softmax(s, -1) @ vd
+                rel = ((out.double() - ref).norm() / ref.norm()).item()
+                assert rel < 1e-5, (d, bits, group, rel)
+                assert torch.allclose(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_batch_equals_single_prompts():
+    model = tiny_model("llama", head_dim=64)
+    tqpatch.apply(model, key_bits=4, value_bits=4, window=8)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(1, 256, (n,), generator=g) for n in (5, 11, 8)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        for i, p in enumerate(prompts):
+            alone = model.generate(p[None], max_new_tokens=12, do_sample=False, pad_token_id=0)
+            assert torch.equal(batch[i, width:], alone[0, len(p) :]), f"row {i} differs"
+
+
+def test_generate_modes_and_growth():
+    model = tiny_model("qwen2", head_dim=64)
+    tqpatch.apply(model, key_bits=4, value_bits=3, window=4)
+    ids = torch.randint(1, 256, (2, 10), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=8, do_sample=False)
+        assert torch.equal(greedy, model.generate(ids, max_new_tokens=8, do_sample=False)), "repeated calls differ"
+        torch.manual_seed(0)
+        sampled = model.generate(ids, max_new_tokens=8, do_sample=True, top_k=20)
+        assert sampled.shape == (2, 18)
+        beams = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+        assert beams.shape == (2, 16)
+        # past the allocation: a cache sized for 12 positions grows when generation goes further
+        cache = TurboQuantCache(model, max_cache_len=12)
+        long = model.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=cache)
+        assert long.shape == (2, 30)
+        assert torch.equal(long[:, :18], greedy), "growth changed the tokens"
+    tqpatch.unapply(model)
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert plain.shape == (2, 18)
+
+
+def test_window_ring_encodes_each_token_once():
+    """Tokens leave the full-precision window in order and are encoded exactly once: the codes
+    equal a direct encode of each position's K/V, whatever the chunking."""
+    model = tiny_model("llama", head_dim=64)
+    tqpatch.apply(model, key_bits=4, value_bits=4, window=5)
+    ids = torch.randint(1, 256, (1, 30), generator=torch.Generator().manual_seed(8))
+    caches = []
+    with torch.no_grad():
+        for chunks in ([30], [7, 1, 1, 1, 3, 17], [1] * 30):
+            cache = TurboQuantCache(model, max_cache_len=40, batch_size=1)
+            pos = 0
+            for c in chunks:
+                model(ids[:, pos : pos + c], past_key_values=cache, use_cache=True)
+                pos += c
+            caches.append(cache)
+    for layer_idx in range(3):
+        ref = caches[0].layers[layer_idx]
+        assert int(ref.n) == 30
+        for other in caches[1:]:
+            o = other.layers[layer_idx]
+            # layer 0's K/V do not depend on the history: same tokens in the window, same codes
+            # (up to float rounding of differently-shaped projections flipping a rare bucket)
+            if layer_idx == 0:
+                same = (o.k_codes[:, :, :25] == ref.k_codes[:, :, :25]).float().mean().item()
+                assert same > 0.995, same
+                assert torch.allclose(o.win_k, ref.win_k, atol=1e-5)
+                assert int((o.k_scales[:, :, 25:] != 0).sum()) == 0, "slots past the history were written"
+
+
+def test_bad_inputs_leave_model_unchanged():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="1..8 or 16"):
+        tqpatch.apply(model, key_bits=9)
+    with pytest.raises(ValueError, match="1..8 or 16"):
+        tqpatch.apply(model, value_bits=0)
+    with pytest.raises(ValueError, match="both K and V"):
+        tqpatch.apply(model, key_bits=16, value_bits=4)
+    with pytest.raises(ValueError, match="not patched"):
+        tqpatch.unapply(model)
+    with pytest.raises(ValueError, match="skip_layers"):
+        tqpatch.apply(model, skip_layers=[7])
+    assert not tqpatch.is_patched(model)
+    assert "forward" not in model.model.layers[0].self_attn.__dict__
+    tqpatch.apply(model)
+    with pytest.raises(ValueError, match="already patched"):
+        tqpatch.apply(model)
+    tqpatch.unapply(model)
+
+    class NoAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = model.config
+            self.lin = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="no attention modules"):
+        tqpatch.apply(NoAttention())
+
+    gpt2 = __import__("transformers").GPT2LMHeadModel(
+        __import__("transformers").GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
+    )
+    with pytest.raises(ValueError, match="supported: llama"):
+        tqpatch.apply(gpt2)
+
+
+def test_compiled_decode_step_has_no_graph_break_or_recompile():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama", head_dim=64)
+    tqpatch.apply(model, key_bits=4, value_bits=4, window=4)
+    cache = TurboQuantCache(model, max_cache_len=64, batch_size=1)
+    ids = torch.randint(1, 256, (1, 9), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        model(ids[:, :8], past_key_values=cache, use_cache=True)
+
+        def step(tok, pos):
+            return model(tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(step, fullgraph=True, dynamic=False)
+        tok = torch.full((1, 1), int(ids[0, 8]))  # fresh strides, like the argmax outputs that follow
+        eager_cache_len = []
+        for i in range(5):
+            logits = compiled(tok, torch.tensor([[8 + i]]))
+            tok = logits.argmax(-1)
+            eager_cache_len.append(int(cache.layers[0].n))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert eager_cache_len == [9, 10, 11, 12, 13]
