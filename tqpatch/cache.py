@@ -79,7 +79,7 @@ class LayerPlan:
             # A query at p sees keys > p - W: W - 1 earlier tokens, R of them in the window.
             # (Independent of max_cache_len, so a growing cache never needs a larger ring.)
             return max(self.sliding_window - 1 - self.window, 0), True
-        return max_cache_len, False
+        return max(max_cache_len - self.window, 1), False  # the newest R positions sit in the window
 
 
 class TurboQuantLayer(CacheLayerMixin):

@@ -7,6 +7,7 @@ transform also has an ``O(d log d)`` form (:func:`fwht`) for encoding long promp
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -23,6 +24,15 @@ def _generator(seed: int) -> torch.Generator:
     return g
 
 
+@functools.lru_cache(maxsize=1024)
+def _haar(dim: int, seed: int) -> torch.Tensor:
+    a = torch.randn(dim, dim, generator=_generator(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    d = torch.sign(torch.diagonal(r))
+    d[d == 0] = 1.0
+    return (q * d).to(torch.float32)
+
+
 def haar_matrix(dim: int, seed: int = 0) -> torch.Tensor:
     """A Haar-distributed random orthogonal ``float32`` matrix ``[dim, dim]`` (CPU).
 
@@ -31,11 +41,7 @@ def haar_matrix(dim: int, seed: int = 0) -> torch.Tensor:
     """
     if dim < 1:
         raise ValueError(f"dim must be positive, got {dim}")
-    a = torch.randn(dim, dim, generator=_generator(seed), dtype=torch.float64)
-    q, r = torch.linalg.qr(a)
-    d = torch.sign(torch.diagonal(r))
-    d[d == 0] = 1.0
-    return (q * d).to(torch.float32)
+    return _haar(int(dim), int(seed)).clone()  # cached: apply() builds one per layer
 
 
 def _sylvester(dim: int) -> torch.Tensor:

@@ -14,7 +14,9 @@ from typing import Callable, Sequence
 import torch
 from transformers.cache_utils import DynamicCache
 
-__all__ = ["DequantizedCache"]
+from . import packing
+
+__all__ = ["DequantizedCache", "dequantized_history", "as_dynamic_cache"]
 
 RoundTrip = Callable[[torch.Tensor], torch.Tensor]
 
@@ -51,3 +53,43 @@ class DequantizedCache(DynamicCache):
             layer.keys = layer.keys[:, :, -(window - 1):]
             layer.values = layer.values[:, :, -(window - 1):]
         return keys, values
+
+
+def dequantized_history(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A :class:`tqpatch.cache.TurboQuantLayer`'s stored K/V in position order, reconstructed:
+    the decoded codes (``s * Pi^T c[idx]``, keys un-smoothed) followed by the full-precision
+    window. ``[B, Hkv, T, d]`` float32 each, ``T`` = the positions the layer still holds."""
+    from .kernels.reference import slot_positions
+
+    p = layer.plan
+    n = int(layer.n)
+    n_hist = max(n - p.window, 0)
+    ks, vs = [], []
+    if layer.capacity and n_hist:
+        pos, filled = slot_positions(torch.tensor(n_hist), layer.capacity, layer.ring, layer.n.device)
+        order = torch.argsort(torch.where(filled, pos, pos.max() + 1 + torch.arange(len(pos))))[: int(filled.sum())]
+        if p.quantized:
+            k = p.key_quantizer.decode_indices(packing.unpack(layer.k_codes, p.key_bits), layer.k_scales)
+            v = p.value_quantizer.decode_indices(packing.unpack(layer.v_codes, p.value_bits), layer.v_scales)
+            if layer.key_scale is not None:
+                k = k * layer.key_scale.reshape(1, p.num_kv_heads, 1, p.head_dim)
+        else:
+            k, v = layer.keys.float(), layer.values.float()
+        ks.append(k[:, :, order])
+        vs.append(v[:, :, order])
+    if p.window and n:
+        wpos, wfilled = slot_positions(layer.n, p.window, True, layer.n.device)
+        order = torch.argsort(torch.where(wfilled, wpos, wpos.max() + 1 + torch.arange(p.window)))[: int(wfilled.sum())]
+        ks.append(layer.win_k[:, :, order].float())
+        vs.append(layer.win_v[:, :, order].float())
+    return torch.cat(ks, 2), torch.cat(vs, 2)
+
+
+def as_dynamic_cache(cache, config) -> DynamicCache:
+    """A ``DynamicCache`` (for the unpatched model) holding what a TurboQuantCache stores,
+    dequantized: ordinary attention over it is the plain reference of tqpatch's attention."""
+    out = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        k, v = dequantized_history(layer)
+        out.update(k, v, i)
+    return out
