@@ -23,3 +23,7 @@ from .cache import TurboQuantCache, cache_nbytes  # noqa: E402
 from .patch import SUPPORTED_MODEL_TYPES, apply, is_patched, unapply  # noqa: E402
 
 __all__ += ["TurboQuantCache", "cache_nbytes", "apply", "unapply", "is_patched", "SUPPORTED_MODEL_TYPES"]
+
+from .recipe import Recipe, RecipeError, RecipeMismatchError, RecipeNotFoundError, list_recipes  # noqa: E402
+
+__all__ += ["Recipe", "RecipeError", "RecipeMismatchError", "RecipeNotFoundError", "list_recipes"]
