@@ -42,6 +42,8 @@ def _register_verify(subparsers: argparse._SubParsersAction) -> None:
                    help="vectors for the quantize throughput test, dim 128 at 4 bits (default 1000000; 0 skips)")
     p.add_argument("--fixed-point-bits", type=_comma_ints, default=[1, 2, 3, 4, 8],
                    help="bit widths of the fixed-point test (default 1,2,3,4,8)")
+    p.add_argument("--threads", type=_comma_ints, default=[],
+                   help="torch thread counts for the throughput test (default on CPU: 1 and the current setting)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -54,7 +56,8 @@ def _run_verify(args: argparse.Namespace) -> int:
     cfg = verify.VerifyConfig(
         dims=tuple(args.dims), bits=tuple(args.bits), vectors=args.vectors,
         fixed_point_bits=tuple(args.fixed_point_bits), fixed_point_vectors=args.vectors,
-        throughput_vectors=args.throughput_vectors, device=args.device, seed=args.seed,
+        throughput_vectors=args.throughput_vectors, throughput_threads=tuple(args.threads),
+        device=args.device, seed=args.seed,
     )
     try:
         result = verify.run_verify(cfg, progress=not args.no_progress, command=args.command_line)

@@ -110,6 +110,7 @@ def _solve(dim: int, bits: int) -> np.ndarray:
     if best_err > 10 * _TOL * sigma:  # pragma: no cover - never seen for dim >= 2, bits <= 8
         raise RuntimeError(f"Lloyd-Max did not converge for dim={dim}, bits={bits} (step {best_err:.2e})")
     c = np.sort(best)
+    c = (c - c[::-1]) / 2.0  # exactly symmetric (the plain Lloyd steps keep it only to rounding)
     c.setflags(write=False)
     return c
 

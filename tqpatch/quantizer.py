@@ -33,8 +33,9 @@ class QuantizedVectors:
         codes: ``uint8 [..., code_bytes]``: the packed codes (layout: :mod:`tqpatch.packing`).
             For the QJL variant, the ``(bits-1)``-bit MSE codes followed by the packed QJL signs;
             for a :class:`SplitQuantizer`, the outlier part followed by the rest.
-        scales: ``[...]`` norm-corrected scales (``[..., 2]`` for a :class:`SplitQuantizer`:
-            outlier part, rest).
+        scales: ``[...]`` norm-corrected scales ``||x|| / ||c[idx]||`` (``[..., 2]`` for a
+            :class:`SplitQuantizer`: outlier part, rest). For the QJL variant, the norms ``||x||``
+            themselves (the paper's MSE stage, which leaves the smallest residual).
         residual_scales: ``[...]`` residual norms of the QJL variant, else ``None``.
     """
 
@@ -74,8 +75,11 @@ class TurboQuantizer:
         qjl: use TurboQuant_prod (unbiased inner products) instead of TurboQuant_mse.
         scale_dtype: dtype of the stored scales (the K/V cache uses ``float16``).
 
-    Zero vectors encode to scale 0 and decode to zero. ``quantize`` rejects NaN/Inf input unless
-    ``check_finite=False`` (then the result for such vectors is undefined).
+    Zero vectors encode to scale 0 and decode to zero. ``quantize`` rejects NaN/Inf input, and
+    finite input whose norm overflows the scale (float32 norms past ~1.8e19, or past 65504 with
+    ``scale_dtype=torch.float16``), with ``ValueError`` unless ``check_finite=False`` (then the
+    result for such vectors is undefined). Norms below ~1e-19 underflow in float32: such vectors
+    decode to zero.
     """
 
     def __init__(
@@ -160,18 +164,38 @@ class TurboQuantizer:
         if self.mse_bits:
             idx, scales = self.encode_indices(x)
             codes = packing.pack(idx, self.mse_bits)
-            mse = self.decode_indices(idx, scales)
         else:
             codes = torch.empty(*lead, 0, dtype=torch.uint8, device=x.device)
             scales = torch.zeros(lead, dtype=torch.float32, device=x.device)
-            mse = torch.zeros(*lead, self.dim, dtype=torch.float32, device=x.device)
         if not self.qjl:
-            return QuantizedVectors(codes, scales.to(self.scale_dtype))
+            return self._checked(QuantizedVectors(codes, scales.to(self.scale_dtype)), check_finite)
+        # TurboQuant_prod (paper, Algorithm 2): the MSE stage is the paper's x_hat = ||x|| Pi^T c[idx]
+        # (no norm correction: it leaves the smaller residual, hence the smaller QJL variance), and
+        # the residual is taken against exactly what the decoder will rebuild (the stored scale).
+        scales = torch.linalg.vector_norm(x.to(torch.float32), dim=-1).to(self.scale_dtype)
+        if self.mse_bits:
+            mse = self.decode_indices(idx, scales)
+        else:
+            mse = torch.zeros(*lead, self.dim, dtype=torch.float32, device=x.device)
         residual = x.to(torch.float32) - mse
         signs = (residual @ self.tensors(x.device)["sketch"].T) >= 0
         codes = torch.cat([codes, packing.pack(signs.to(torch.uint8), 1)], dim=-1)
         rnorm = torch.linalg.vector_norm(residual, dim=-1)
-        return QuantizedVectors(codes, scales.to(self.scale_dtype), rnorm.to(self.scale_dtype))
+        return self._checked(QuantizedVectors(codes, scales, rnorm.to(self.scale_dtype)), check_finite)
+
+    def _checked(self, qv: QuantizedVectors, check_finite: bool) -> QuantizedVectors:
+        """Finite input can still overflow: the float32 norm past ~1.8e19, a float16 scale past 65504."""
+        if check_finite:
+            bad = ~torch.isfinite(qv.scales)
+            if qv.residual_scales is not None:
+                bad |= ~torch.isfinite(qv.residual_scales)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{int(bad.sum())} vector(s) have a norm too large for the {self.scale_dtype} scale "
+                    f"(largest finite {torch.finfo(self.scale_dtype).max:.4g}; float32 norms overflow near 1.8e19): "
+                    "scale the input down or use a wider scale_dtype"
+                )
+        return qv
 
     def dequantize(self, qv: QuantizedVectors, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Reconstruct ``[..., dim]`` vectors (a reference path: attention never needs this)."""
@@ -260,7 +284,8 @@ class SplitQuantizer:
         _check_input(x, self.dim, check_finite)
         a = self.outlier.quantize(x[..., self.channels.to(x.device)], check_finite=False)
         b = self.regular.quantize(x[..., self.rest.to(x.device)], check_finite=False)
-        return QuantizedVectors(torch.cat([a.codes, b.codes], -1), torch.stack([a.scales, b.scales], -1))
+        qv = QuantizedVectors(torch.cat([a.codes, b.codes], -1), torch.stack([a.scales, b.scales], -1))
+        return self.outlier._checked(qv, check_finite)
 
     def dequantize(self, qv: QuantizedVectors, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = self.outlier.code_bytes
