@@ -370,7 +370,7 @@ def test_dequantize_rejects_mismatched_codes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_input_dtypes(dtype):
     q = quantizer(128, 4)
-    x = torch.randn(4, 5, 128).to(dtype)
+    x = torch.randn(4, 5, 128, generator=gen(11)).to(dtype)
     qv = q.quantize(x)
     ref = q.quantize(x.float())  # the encoder works in float32 whatever the input dtype
     assert torch.equal(qv.codes, ref.codes)
@@ -403,7 +403,7 @@ def test_split_quantizer_fractional_bits(n_out, out_bits, bits, avg, code_bytes)
     sq = SplitQuantizer(128, ch, out_bits, bits)
     assert sq.bits == avg
     assert sq.code_bytes == code_bytes == (n_out * out_bits + (128 - n_out) * bits) // 8
-    x = torch.randn(3, 7, 128)
+    x = torch.randn(3, 7, 128, generator=gen(n_out + out_bits))
     qv = sq.quantize(x)
     assert qv.codes.shape == (3, 7, code_bytes) and qv.codes.dtype == torch.uint8
     assert qv.scales.shape == (3, 7, 2)
@@ -412,13 +412,17 @@ def test_split_quantizer_fractional_bits(n_out, out_bits, bits, avg, code_bytes)
     assert out.shape == x.shape
     # each part is norm-corrected, so the whole vector keeps its norm
     assert float(rel_norm_error(x, out).max()) < 1e-5
-    # fixed point
-    again = sq.quantize(out)
-    assert torch.equal(again.codes, qv.codes)
-    torch.testing.assert_close(again.scales, qv.scales, rtol=1e-3, atol=0)
+    # fixed point, measured on many vectors: a 32-channel part is a small-d quantizer, and at 4 bits
+    # about 1e-3 of vectors re-encode a bucket off (see test_fixed_point_rare_exceptions_at_8_bits)
+    many = torch.randn(4000, 128, generator=gen(7 * n_out + bits))
+    first = sq.quantize(many)
+    again = sq.quantize(sq.dequantize(first))
+    changed = (again.codes != first.codes).any(-1)
+    assert float(changed.double().mean()) < (5e-3 if out_bits == 4 else 1e-3)
+    torch.testing.assert_close(again.scales[~changed], first.scales[~changed], rtol=1e-3, atol=0)
     # the parts land on their own channels
     only_outliers = torch.zeros(4, 128)
-    only_outliers[:, ch] = torch.randn(4, n_out)
+    only_outliers[:, ch] = torch.randn(4, n_out, generator=gen(5))
     dec = sq.dequantize(sq.quantize(only_outliers))
     rest = [i for i in range(128) if i not in ch]
     assert torch.all(dec[:, rest] == 0)

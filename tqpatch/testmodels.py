@@ -407,6 +407,7 @@ def _write_converted(model: Any, tokenizer: Any, spec: GGUFModelSpec, dest: Path
         (tmp / "tqpatch-source.json").write_text(
             json.dumps({"gguf_file": spec.gguf_file, "gguf_sha256": spec.sha256, "model": spec.name})
         )
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
         logger.info("%s: wrote a converted copy to %s", spec.name, dest)
@@ -473,8 +474,11 @@ def load_test_model(
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=load_dtype)
     except Exception as exc:
         raise ModelFetchError(f"transformers could not load {path}: {type(exc).__name__}: {exc}") from exc
-    if converted_cache and _write_converted(model, tokenizer, spec, conv) and dtype != load_dtype:
+    if converted_cache and _write_converted(model, tokenizer, spec, conv):
+        # Return what every later call returns (no GGUF quantizer marker attached), whatever the
+        # state of the cache was: the first run and the next behave the same.
         model = AutoModelForCausalLM.from_pretrained(conv, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(conv)
     elif dtype != load_dtype:
         model = model.to(dtype)
     return model.eval(), tokenizer

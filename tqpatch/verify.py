@@ -517,8 +517,10 @@ def _tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
         rows,
         "paper recon: u_hat = Pi^T c[idx] (no norm correction); exact: codebook.distortion. stored: "
         "dequantize(quantize(u)) with norm-corrected fp16 scale, expected 2 - 2 sqrt(1 - exact). "
-        "paper ~: the paper's rounded values (the exact Lloyd-Max codebook sits slightly above them at "
-        "b = 1, 3, 4); paper bound: proven sqrt(3) pi/2 4^-b. MC: mean ± standard error.",
+        "The stored error is above the paper's at 1-2 bits and slightly below at 3-4 bits (the formula is "
+        "the leading-order value). paper ~: the paper's rounded values (at d = 128 the exact Lloyd-Max "
+        "codebook sits above them at b = 1, 3, 4, by up to 13%); paper bound: proven sqrt(3) pi/2 4^-b. "
+        "MC: mean ± standard error.",
     ))
     rows = []
     for r in result["inner_product"]:
@@ -535,7 +537,9 @@ def _tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
         "mse: stored (norm-corrected) reconstruction, biased by sqrt(1 - D) - 1 for y = x; prod: TurboQuant_prod "
         "(qjl=True, b-1 bit MSE + 1-bit QJL), unbiased over the quantizer's randomness. Vectors are spread over "
         f"{result['config']['ip_quantizers']} independently seeded quantizers; ± is the standard error from the "
-        "per-quantizer means. paper ~ d*Var: the paper's rounded values; bound: proven sqrt(3) pi^2 4^-b.",
+        "per-quantizer means. The prod variance is E||r||^2 (pi/2 - 1/d) / d with r the residual of the "
+        "(b-1)-bit MSE stage. paper ~ d*Var: the paper's rounded values (derived from the rounded MSE values, "
+        "so the exact algorithm exceeds them at b = 4 by ~13%); bound: proven sqrt(3) pi^2 4^-b.",
     ))
     rows = []
     for r in result["storage"]:
@@ -559,8 +563,10 @@ def _tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
         "Fixed point: quantize(dequantize(q)) vs q (Gaussian vectors, fp16 scales)",
         ["d", "b", "vectors", "changed", "fraction", "max bucket step", "max scale rel diff (unchanged)"],
         rows,
-        "A vector re-encodes differently when some c_j / ||c[idx]|| crosses a decision threshold, which "
-        "needs an unusually small ||c[idx]|| (dense codebooks, small d); such vectors move one bucket.",
+        "Re-encoding a decoded vector sees c[idx] / ||c[idx]||; a code changes when that rescaling pushes a "
+        "coordinate across a decision threshold, which needs ||c[idx]|| unusually far from 1 (typically one "
+        "coordinate deep in a wide tail bucket) and narrow buckets (8 bits, or small d). Such vectors move "
+        "some coordinates one or two buckets.",
     ))
     runs = result.get("throughput") or []
     if runs:
