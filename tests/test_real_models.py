@@ -26,7 +26,7 @@ from tqpatch.testmodels import load_test_model
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 CHECK_EVERY = 4  # reference steps (each costs a second forward); every decode step still runs
-PROMPT, STEPS = int(__import__("os").environ.get("TQ_PROMPT", 128)), int(__import__("os").environ.get("TQ_STEPS", 64))  # issue size: TQ_PROMPT=512 TQ_STEPS=256
+PROMPT, STEPS = int(__import__("os").environ.get("TQ_PROMPT", 512)), int(__import__("os").environ.get("TQ_STEPS", 256))
 
 
 @pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])

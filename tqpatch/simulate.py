@@ -92,4 +92,6 @@ def as_dynamic_cache(cache, config) -> DynamicCache:
     for i, layer in enumerate(cache.layers):
         k, v = dequantized_history(layer)
         out.update(k, v, i)
+        if hasattr(out.layers[i], "cumulative_length"):  # a sliding layer: count every position seen,
+            out.layers[i].cumulative_length = int(layer.n)  # not just those its window still holds
     return out
