@@ -12,10 +12,19 @@ __all__ = ["DemoRow", "run_demo", "format_table"]
 
 logger = logging.getLogger(__name__)
 
+def passkey_prompt(key: int = 68137, filler_repeats: int = 60) -> str:
+    """A long synthetic document with one number hidden in the middle, then the question."""
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    half = filler * (filler_repeats // 2)
+    return (f"There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
+            f"{half}The pass key is {key}. Remember it. {key} is the pass key.\n{half}"
+            "What is the pass key? The pass key is")
+
+
 DEFAULT_PROMPTS = (
-    "Write one sentence about the sea.",
     "What is the capital of France? Answer briefly.",
     "List three fruits.",
+    passkey_prompt(),
 )
 
 
@@ -49,7 +58,7 @@ def run_demo(model_name: str = "smollm2-135m", prompts=DEFAULT_PROMPTS, max_new_
         try:
             for prompt in prompts:
                 text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True) if tok.chat_template else prompt
+                                               add_generation_prompt=True) if tok.chat_template and len(prompt) < 500 else prompt
                 ids = tok(text, return_tensors="pt").input_ids
                 cache = TurboQuantCache(model, max_cache_len=ids.shape[1] + max_new_tokens) if kb else None
                 with torch.no_grad():
@@ -73,13 +82,17 @@ def format_table(rows: list[DemoRow]) -> str:
     """A plain-text table: one block per prompt, one line per setting."""
     lines = []
     for prompt in dict.fromkeys(r.prompt for r in rows):
-        lines.append(f"\n>>> {prompt}")
+        shown = prompt if len(prompt) < 120 else prompt[:60] + " ... " + prompt[-50:]
+        n_tok = next(r.tokens for r in rows if r.prompt == prompt)
+        lines.append(f"\n>>> {shown}   ({n_tok} tokens)")
         base = next((r.kv_bytes for r in rows if r.prompt == prompt and r.setting == "bf16"), None)
         for r in (r for r in rows if r.prompt == prompt):
-            ratio = f" ({base / r.kv_bytes:.2f}x smaller)" if base and r.setting != "bf16" else ""
-            lines.append(f"  [{r.setting:>14}] K/V {r.kv_bytes / 1024:8.1f} KiB{ratio}: {r.text}")
+            ratio = f" (bf16 / this = {base / r.kv_bytes:.2f})" if base and r.setting != "bf16" else ""
+            text = " ".join(r.text.split())
+            lines.append(f"  [{r.setting:>14}] K/V {r.kv_bytes / 1024:8.1f} KiB{ratio}: {text[:160]}")
     lines.append(
         "\nK/V bytes are measured allocations: bf16 = transformers' DynamicCache; tqpatch = codes + fp16 scales "
-        "+ the 64-token bf16 window, allocated for prompt + new tokens."
+        "+ the 64-token bf16 window, allocated for prompt + new tokens (short prompts live mostly in that window, "
+        "so only long contexts show the compression)."
     )
     return "\n".join(lines) + "\n"
