@@ -128,8 +128,10 @@ class TurboQuantLayer(CacheLayerMixin):
             self.start.copy_(pending)
         self.pending_start = None
         self.is_initialized = True
-        if not torch.compiler.is_compiling():
-            for t in self.tensors():
+        if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs copy no cache input
+            consts = [getattr(self, k, None) for k in ("rotation_k", "k_centroids", "rotation_v", "v_centroids",
+                                                 "k_thresholds", "v_thresholds", "key_scale")]
+            for t in self.tensors() + [c for c in consts if c is not None]:
                 torch._dynamo.mark_static_address(t)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -258,7 +260,6 @@ class TurboQuantCache(Cache):
 
         plans = layer_plans(model)
         super().__init__(layers=[TurboQuantLayer(p, max_cache_len) for p in plans])
-        self.max_cache_len = max_cache_len
         if batch_size is not None and max_cache_len is not None:
             devices = _layer_devices(model, len(plans))
             dtype = dtype or next(model.parameters()).dtype
