@@ -28,15 +28,17 @@ _HISTORY_TILE = 4096
 _QUERY_TILE = 1024
 
 
-def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Combine partial attention results ``(out [.., Q, d], lse [.., Q])`` over disjoint key sets."""
-    lses = torch.stack([lse for _, lse in parts])
-    total = torch.logsumexp(lses, dim=0)
-    total = torch.where(torch.isfinite(total), total, 0.0)
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine partial attention results ``(out [.., Q, d], lse [.., Q])`` over disjoint key sets
+    into the ``(out, lse)`` of their union."""
+    if len(parts) == 1:
+        return parts[0]
+    total = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
+    safe = torch.where(torch.isfinite(total), total, 0.0)
     out = 0
     for o, lse in parts:
-        out = out + o * torch.exp(lse - total).unsqueeze(-1)
-    return out
+        out = out + o * torch.exp(lse - safe).unsqueeze(-1)
+    return out, total
 
 
 def dense_attention(
@@ -115,8 +117,9 @@ def _history_part(layer: TurboQuantLayer, q: torch.Tensor, q_pos: torch.Tensor) 
         if slots == 0:
             return None
     parts = []
-    for lo in range(0, slots, _HISTORY_TILE if _eager() else slots):
-        hi = min(lo + _HISTORY_TILE, slots) if _eager() else slots
+    tile = _HISTORY_TILE if _eager() else slots
+    for lo in range(0, slots, tile):
+        hi = min(lo + tile, slots)
         if p.quantized:
             out, lse = history_attention(
                 q_rot, layer.k_codes[:, :, lo:hi], layer.k_scales[:, :, lo:hi], layer.v_codes[:, :, lo:hi],
@@ -132,7 +135,7 @@ def _history_part(layer: TurboQuantLayer, q: torch.Tensor, q_pos: torch.Tensor) 
                 scaling=p.scaling, softcap=p.softcap, window=sliding,
             )
         parts.append((out, lse))
-    return parts[0] if len(parts) == 1 else (merge_attention(parts), torch.logsumexp(torch.stack([l for _, l in parts]), 0))
+    return merge_attention(parts)
 
 
 def _encode_into_history(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
@@ -223,6 +226,6 @@ def attend_and_store(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Tensor, v
                 scaling=p.scaling, softcap=p.softcap, window=p.sliding_window or 0,
             )
         )
-    out = parts[0][0] if len(parts) == 1 else merge_attention(parts)
+    out, _ = merge_attention(parts)
     _store(layer, k, v)
     return out.to(q.dtype)

@@ -163,7 +163,7 @@ class TurboQuantLayer(CacheLayerMixin):
             return
         new_len = max(needed, 2 * self.capacity)
         logger.info("layer %d: growing K/V storage from %d to %d positions", self.plan.layer_idx, self.capacity, new_len)
-        old = {k: getattr(self, k) for k in self._row_tensors()[:-3]}
+        old = {k: getattr(self, k) for k in self._HISTORY_TENSORS if getattr(self, k, None) is not None}
         self.capacity = new_len
         self.max_cache_len = new_len
         for k, t in old.items():
@@ -196,7 +196,8 @@ class TurboQuantLayer(CacheLayerMixin):
             for t in self.tensors():
                 t.zero_()
 
-    _ROW_TENSORS = ("k_codes", "k_scales", "v_codes", "v_scales", "keys", "values", "win_k", "win_v", "start")
+    _HISTORY_TENSORS = ("k_codes", "k_scales", "v_codes", "v_scales", "keys", "values")
+    _ROW_TENSORS = _HISTORY_TENSORS + ("win_k", "win_v", "start")
 
     def _row_tensors(self) -> list[str]:
         return [k for k in self._ROW_TENSORS if getattr(self, k, None) is not None]

@@ -55,6 +55,12 @@ class DequantizedCache(DynamicCache):
         return keys, values
 
 
+def _filled_in_position_order(pos: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    """Indices of the filled slots, sorted by the position each holds."""
+    slots = torch.nonzero(filled).flatten()
+    return slots[torch.argsort(pos[slots])]
+
+
 def dequantized_history(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """A :class:`tqpatch.cache.TurboQuantLayer`'s stored K/V in position order, reconstructed:
     the decoded codes (``s * Pi^T c[idx]``, keys un-smoothed) followed by the full-precision
@@ -66,8 +72,7 @@ def dequantized_history(layer) -> tuple[torch.Tensor, torch.Tensor]:
     n_hist = max(n - p.window, 0)
     ks, vs = [], []
     if layer.capacity and n_hist:
-        pos, filled = slot_positions(torch.tensor(n_hist), layer.capacity, layer.ring, layer.n.device)
-        order = torch.argsort(torch.where(filled, pos, pos.max() + 1 + torch.arange(len(pos))))[: int(filled.sum())]
+        order = _filled_in_position_order(*slot_positions(torch.tensor(n_hist), layer.capacity, layer.ring, layer.n.device))
         if p.quantized:
             k = p.key_quantizer.decode_indices(packing.unpack(layer.k_codes, p.key_bits), layer.k_scales)
             v = p.value_quantizer.decode_indices(packing.unpack(layer.v_codes, p.value_bits), layer.v_scales)
@@ -78,8 +83,7 @@ def dequantized_history(layer) -> tuple[torch.Tensor, torch.Tensor]:
         ks.append(k[:, :, order])
         vs.append(v[:, :, order])
     if p.window and n:
-        wpos, wfilled = slot_positions(layer.n, p.window, True, layer.n.device)
-        order = torch.argsort(torch.where(wfilled, wpos, wpos.max() + 1 + torch.arange(p.window)))[: int(wfilled.sum())]
+        order = _filled_in_position_order(*slot_positions(layer.n, p.window, True, layer.n.device))
         ks.append(layer.win_k[:, :, order].float())
         vs.append(layer.win_v[:, :, order].float())
     return torch.cat(ks, 2), torch.cat(vs, 2)
