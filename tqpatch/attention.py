@@ -21,6 +21,7 @@ import torch
 from . import packing
 from .cache import TurboQuantLayer
 from .kernels.reference import history_attention, slot_positions
+from .rotation import matmul_rows
 
 __all__ = ["attend_and_store", "dense_attention", "merge_attention"]
 
@@ -76,12 +77,6 @@ def dense_attention(
     return out.reshape(B, Hq, Q, d), lse.reshape(B, Hq, Q)
 
 
-def _matmul_rows(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``x @ m`` as one 2-D GEMM over all leading rows (a batched matmul of single rows picks a
-    slow kernel: measured 51 us per call on an H100, results/h100/profile_decode_32k.txt)."""
-    return (x.reshape(-1, x.shape[-1]) @ m).reshape(*x.shape[:-1], m.shape[-1])
-
-
 def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
@@ -99,7 +94,7 @@ def _history_part(layer: TurboQuantLayer, q: torch.Tensor, q_pos: torch.Tensor) 
         if layer.key_scale is not None:
             G = Hq // p.num_kv_heads
             q_rot = q_rot * layer.key_scale.repeat_interleave(G, dim=0).reshape(1, Hq, 1, d)
-        q_rot = _matmul_rows(q_rot, layer.rotation_k.T)
+        q_rot = matmul_rows(q_rot, layer.rotation_k.T)
         if q.is_cuda and Q == 1:
             from .kernels import triton_decode
 
@@ -110,7 +105,7 @@ def _history_part(layer: TurboQuantLayer, q: torch.Tensor, q_pos: torch.Tensor) 
                     layer.start.to(torch.int32), key_bits=p.key_bits, value_bits=p.value_bits,
                     scaling=p.scaling, softcap=p.softcap or 0.0, ring=layer.ring,
                 )
-                return _matmul_rows(out, layer.rotation_v).unsqueeze(2), lse.unsqueeze(2)
+                return matmul_rows(out, layer.rotation_v).unsqueeze(2), lse.unsqueeze(2)
     slots = layer.capacity
     if _eager():  # follow the length, not the allocation
         slots = min(int(n_hist), layer.capacity)
@@ -127,7 +122,7 @@ def _history_part(layer: TurboQuantLayer, q: torch.Tensor, q_pos: torch.Tensor) 
                 key_bits=p.key_bits, value_bits=p.value_bits, scaling=p.scaling, softcap=p.softcap,
                 ring=layer.ring, q_pos=q_pos, window=sliding, capacity=layer.capacity, slot_offset=lo,
             )
-            out = _matmul_rows(out, layer.rotation_v)
+            out = matmul_rows(out, layer.rotation_v)
         else:
             pos, filled = slot_positions(n_hist, layer.capacity, layer.ring, q.device, hi, offset=lo)
             out, lse = dense_attention(

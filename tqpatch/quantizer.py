@@ -20,7 +20,7 @@ import torch
 
 from . import packing
 from .codebook import boundaries, lloyd_max
-from .rotation import RotationKind, rotation_matrix
+from .rotation import RotationKind, matmul_rows, rotation_matrix
 
 __all__ = ["QuantizedVectors", "TurboQuantizer", "SplitQuantizer"]
 
@@ -147,7 +147,7 @@ class TurboQuantizer:
         t = self.tensors(x.device)
         xf = x.to(torch.float32)
         norm = torch.linalg.vector_norm(xf, dim=-1)
-        y = (xf @ t["matrix"].T) / torch.where(norm > 0, norm, 1.0).unsqueeze(-1)
+        y = matmul_rows(xf, t["matrix"].T) / torch.where(norm > 0, norm, 1.0).unsqueeze(-1)
         idx = torch.bucketize(y, t["thresholds"])
         cnorm = torch.linalg.vector_norm(t["centroids"][idx], dim=-1)
         return idx, norm / cnorm
@@ -155,7 +155,7 @@ class TurboQuantizer:
     def decode_indices(self, idx: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """``s * Pi^T c[idx]`` in float32."""
         t = self.tensors(idx.device)
-        return (t["centroids"][idx.long()] @ t["matrix"]) * scales.to(torch.float32).unsqueeze(-1)
+        return matmul_rows(t["centroids"][idx.long()], t["matrix"]) * scales.to(torch.float32).unsqueeze(-1)
 
     def quantize(self, x: torch.Tensor, *, check_finite: bool = True) -> QuantizedVectors:
         """Encode vectors ``x [..., dim]`` (any float dtype, any device)."""
