@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 from .attention import attend_and_store, dense_attention
 from .cache import FULL_PRECISION, LayerPlan, TurboQuantCache
 from .quantizer import TurboQuantizer
+from .sharding import local_head_slice, output_width
 
 __all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "apply", "unapply", "is_patched", "layer_plans", "attention_modules"]
 
@@ -257,6 +258,7 @@ def apply(
         head_dim = int(getattr(m, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         n_kv = _module_heads(m, adapter, head_dim, "k")
         n_q = _module_heads(m, adapter, head_dim, "q")
+        heads = slice(None) if adapter.fused_qkv else local_head_slice(m.k_proj, head_dim)
         sliding = {"module": getattr(m, "sliding_window", None), "config": getattr(cfg, "sliding_window", None),
                    "none": None}[adapter.sliding]
         kq = vq = None
@@ -271,7 +273,8 @@ def apply(
                 value_bits=vb, window=settings["window"][i], sliding_window=int(sliding) if sliding else None,
                 scaling=float(m.scaling), softcap=getattr(m, "attn_logit_softcapping", None) or None,
                 key_quantizer=kq, value_quantizer=vq,
-                key_scale=None if scale is None or kb == FULL_PRECISION else scale[i].to(torch.float32),
+                key_scale=None if scale is None or kb == FULL_PRECISION or bool((scale[i] == 1).all())
+                else scale[i][heads].to(torch.float32),
             )
         )
 
@@ -320,12 +323,12 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
 def _module_heads(m, adapter: Adapter, head_dim: int, which: str) -> int:
     if adapter.fused_qkv:
         cfg = m.config
-        total = m.qkv_proj.out_features // head_dim
+        total = output_width(m.qkv_proj) // head_dim
         n_kv = getattr(m, "num_key_value_heads", None) or cfg.num_key_value_heads
         n_q = total - 2 * n_kv
         return n_kv if which == "k" else n_q
     proj = m.k_proj if which == "k" else m.q_proj
-    return proj.out_features // head_dim
+    return output_width(proj) // head_dim  # tensor parallel: this rank's heads
 
 
 def _recipe_settings(recipe: Any, cfg, num_layers: int) -> dict:

@@ -1060,7 +1060,8 @@ class Recipe:
                     outl(s.key_outlier_channels, s.key_outlier_bits),
                     outl(s.value_outlier_channels, s.value_outlier_bits),
                     str(s.window),
-                    "yes" if s.key_channel_scale is not None and s.key_bits != BF16_BITS else "-",
+                    "yes" if s.key_channel_scale is not None and s.key_bits != BF16_BITS
+                    and not bool((s.key_channel_scale == 1).all()) else "-",
                 )
             )
         groups: list[tuple[str, tuple[str, ...]]] = []
