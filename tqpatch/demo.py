@@ -8,18 +8,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .passkey import passkey_prompt
+
 __all__ = ["DemoRow", "run_demo", "format_table"]
 
 logger = logging.getLogger(__name__)
-
-def passkey_prompt(key: int = 68137, filler_repeats: int = 60) -> str:
-    """A long synthetic document with one number hidden in the middle, then the question."""
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    half = filler * (filler_repeats // 2)
-    return (f"There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
-            f"{half}The pass key is {key}. Remember it. {key} is the pass key.\n{half}"
-            "What is the pass key? The pass key is")
-
 
 DEFAULT_PROMPTS = (
     "What is the capital of France? Answer briefly.",
