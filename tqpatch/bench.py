@@ -1817,17 +1817,8 @@ def write_plots(result: dict[str, Any], out: Path, stem: str) -> list[Path]:
                     if all(v for v in peak):
                         ax.plot(xs, [v / 1e9 for v in peak], marker="x", linestyle="--",
                                 label=f"peak {_method_label(method)}, B={B}")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("context (tokens)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{model} ({result['environment'].get('card')})", fontsize=10)
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            p = out / f"{stem}_{fname}_{model}.png"
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            paths.append(p)
+            paths.append(_finish_plot(plt, fig, ax, "context (tokens)", ylabel,
+                                      f"{model} ({result['environment'].get('card')})", out / f"{stem}_{fname}_{model}.png"))
     krows = [r for r in result.get("kernel", {}).get("rows", []) if r.get("status") == "ok"]
     if krows:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -1842,19 +1833,25 @@ def write_plots(result: dict[str, Any], out: Path, stem: str) -> list[Path]:
             if pts:
                 ax.plot([p["T"] for p in pts], [p["sdpa_bf16_us"] for p in pts], linestyle="--", marker="x",
                         label=f"SDPA bf16 B={B}")
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("T (tokens)")
-        ax.set_ylabel("µs per call")
-        ax.set_title(f"decode attention ({result['environment'].get('card')})", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = out / f"{stem}_kernel_us_vs_length.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_finish_plot(plt, fig, ax, "T (tokens)", "µs per call",
+                                  f"decode attention ({result['environment'].get('card')})",
+                                  out / f"{stem}_kernel_us_vs_length.png"))
     return paths
+
+
+def _finish_plot(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Log-2 x axis, labels, grid and legend; save ``path`` and close the figure."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_outputs(result: dict[str, Any], out_dir: str | os.PathLike[str], stem: str = "bench",

@@ -111,17 +111,25 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_bench)
 
 
-def _run_bench(args: argparse.Namespace) -> int:
-    from . import bench
+def _writer_runner(module: str, command: str) -> Callable[[argparse.Namespace], int]:
+    """A runner for a subcommand whose module has ``run_from_args(args) -> (status, paths)``."""
 
-    try:
-        status, paths = bench.run_from_args(args)
-    except ValueError as exc:
-        print(f"tqpatch bench: error: {exc}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(f"wrote {path}", file=sys.stderr)
-    return status
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        try:
+            status, paths = importlib.import_module(f"{__package__}.{module}").run_from_args(args)
+        except ValueError as exc:
+            print(f"tqpatch {command}: error: {exc}", file=sys.stderr)
+            return 2
+        for path in paths:
+            print(f"wrote {path}", file=sys.stderr)
+        return status
+
+    return run
+
+
+_run_bench = _writer_runner("bench", "bench")
 
 
 # -- eval ---------------------------------------------------------------------------------------
@@ -138,17 +146,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_eval)
 
 
-def _run_eval(args: argparse.Namespace) -> int:
-    from . import evalcli
-
-    try:
-        status, paths = evalcli.run_from_args(args)
-    except ValueError as exc:
-        print(f"tqpatch eval: error: {exc}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(f"wrote {path}", file=sys.stderr)
-    return status
+_run_eval = _writer_runner("evalcli", "eval")
 
 
 # -- calibrate, recipe show, push ----------------------------------------------------------------
