@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--passkey-lengths", type=_ints, default=(1024, 2048, 4096, 8000))
     p.add_argument("--only", default="", help="comma-separated substrings: run only methods whose name has one")
+    p.add_argument("--exact", action="store_true", help="--only lists exact method names, not substrings")
     p.add_argument("--quick", action="store_true",
                    help="small settings (256 scored tokens, 4 segments, passkey 512/1024) to check the set-up")
     p.add_argument("--threads", type=int, default=None)
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = E.full_methods(name)
     if args.only:
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
-        methods = [m for m in methods if m.kind == "unquantized" or any(k in m.name for k in keys)]
+        hit = (lambda k, n: k == n) if args.exact else (lambda k, n: k in n)
+        methods = [m for m in methods if m.kind == "unquantized" or any(hit(k, m.name) for k in keys)]
     config = E.EvalConfig(prompt_len=args.prompt_len, scored_tokens=args.scored_tokens, segments=args.segments,
                           chunk=args.chunk, passkey_lengths=tuple(args.passkey_lengths))
     t0 = time.perf_counter()
