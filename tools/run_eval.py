@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact", action="store_true", help="--only lists exact method names, not substrings")
     p.add_argument("--quick", action="store_true",
                    help="small settings (256 scored tokens, 4 segments, passkey 512/1024) to check the set-up")
+    p.add_argument("--passkey-only", action="store_true",
+                   help="skip decode and chunk modes; writes <model>-passkey.{json,md}")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="torch device (e.g. cuda); the model runs in float32")
     args = p.parse_args(argv)
@@ -63,14 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         hit = (lambda k, n: k == n) if args.exact else (lambda k, n: k in n)
         methods = [m for m in methods if m.kind == "unquantized" or any(hit(k, m.name) for k in keys)]
     config = E.EvalConfig(prompt_len=args.prompt_len, scored_tokens=args.scored_tokens, segments=args.segments,
-                          chunk=args.chunk, passkey_lengths=tuple(args.passkey_lengths))
+                          chunk=0 if args.passkey_only else args.chunk, decode=not args.passkey_only,
+                          passkey_lengths=tuple(args.passkey_lengths))
     t0 = time.perf_counter()
     model, tok = load_model(args.model, dtype=torch.float32, device=args.device)
     result = E.evaluate(model, tok, Path(args.text).read_text(encoding="utf-8"), methods, config, model_name=name)
     command = "python tools/run_eval.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     result.info.update(run_info(command), text=str(args.text), total_wall_seconds=time.perf_counter() - t0,
                        method_seconds={r.method["name"]: round(r.seconds, 1) for r in result.methods})
-    stem = name + ("-quick" if args.quick else "")
+    stem = name + ("-quick" if args.quick else "") + ("-passkey" if args.passkey_only else "")
     for path in E.write_results(result, args.out, stem):
         print(f"wrote {path}")
     print(E.format_markdown(result))
