@@ -227,3 +227,43 @@ def test_compiled_decode_step_has_no_graph_break_or_recompile():
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert eager_cache_len == [9, 10, 11, 12, 13]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_attention_matches_float64(dtype):
+    from tqpatch.attention import fused_attention
+
+    g = torch.Generator().manual_seed(11)
+    for d, group, Q, T, causal in ((64, 1, 9, 9, True), (128, 4, 17, 40, False), (256, 7, 5, 5, True)):
+        q = torch.randn(2, 2 * group, Q, d, generator=g)
+        k = torch.randn(2, 2, T, d, generator=g)
+        v = torch.randn(2, 2, T, d, generator=g)
+        out, lse = fused_attention(q.to(dtype), k.to(dtype), v.to(dtype), scaling=d**-0.5, causal=causal)
+        qd, kd, vd = (t.to(dtype).double() for t in (q, k, v))
+        s = (qd @ kd.repeat_interleave(group, 1).transpose(-1, -2)) * d**-0.5
+        if causal:
+            s = s.masked_fill(torch.ones(Q, T, dtype=torch.bool).triu(1), float("-inf"))
+        ref = torch.softmax(s, -1) @ vd.repeat_interleave(group, 1)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert ((out.double() - ref).norm() / ref.norm()).item() < tol, (d, group, dtype)
+        assert torch.allclose(lse.double(), torch.logsumexp(s, -1), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bits,window,head_dim", [(4, 0, 64), (3, 8, 128), (2, 5, 64), (16, 4, 64)])
+def test_fused_chunked_prefill_matches_reference_path(monkeypatch, bits, window, head_dim):
+    """Chunked prefill over compressed history: the fused SDPA path == the reference path."""
+    from tqpatch import attention
+
+    model = tiny_model("qwen2", head_dim=head_dim)
+    ids = torch.randint(1, 256, (2, 45), generator=torch.Generator().manual_seed(12))
+    tqpatch.apply(model, key_bits=bits, value_bits=bits, window=window, prefill_chunk=16)
+    calls = []
+    real = attention._fused_chunk_attention
+    monkeypatch.setattr(attention, "_fused_chunk_attention", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fused = model(ids).logits
+        assert calls, "the fused path did not run"
+        monkeypatch.setattr(attention, "_fused_chunk_applies", lambda layer, Q: False)
+        ref = model(ids).logits
+    rel = ((fused - ref).norm() / ref.norm()).item()
+    assert rel < 1e-4, f"fused vs reference chunked prefill: relative difference {rel:.3g}"

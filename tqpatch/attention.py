@@ -9,6 +9,12 @@ three parts, each giving ``(out, lse)``, merged by their log-sum-exp:
 2. the full-precision window of the ``R`` most recent tokens;
 3. the chunk's own exact K/V (causal).
 
+Multi-token chunks in eager mode (prefill, chunked prefill, eval's chunk mode) take a fused path
+where it applies (:func:`_fused_chunk_attention`): each history tile is dequantized to the model's
+dtype in the rotated domain and every part runs through PyTorch's fused SDPA kernels (flash
+attention on CUDA and CPU) with their log-sum-exp, so the score matrix is never materialised and the
+dequantized tile is the only transient (bounded by the tile, not the prompt).
+
 Then the tokens that leave the window (positions ``P-R .. P+Q-R-1``) are encoded, once, into the
 history store, and the chunk's last tokens enter the window. Masks come from positions: padding
 (``pos < start[b]``), causality, and sliding windows (``pos <= q_pos - W`` is invisible).
@@ -20,10 +26,10 @@ import torch
 
 from . import packing
 from .cache import TurboQuantLayer
-from .kernels.reference import history_attention, slot_positions
+from .kernels.reference import dequantize_rotated, history_attention, slot_positions
 from .rotation import matmul_rows
 
-__all__ = ["attend_and_store", "dense_attention", "merge_attention"]
+__all__ = ["attend_and_store", "dense_attention", "fused_attention", "merge_attention"]
 
 _HISTORY_TILE = 4096
 _QUERY_TILE = 1024
@@ -75,6 +81,68 @@ def dense_attention(
     p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
     out = p @ v.to(torch.float32)
     return out.reshape(B, Hq, Q, d), lse.reshape(B, Hq, Q)
+
+
+def fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``q [B, Hq, Q, d]`` over ``k, v [B, Hkv, T, d]`` (same dtype; causal:
+    query ``i`` sees keys ``<= i``, needs ``Q == T``) through PyTorch's fused SDPA kernels, with the
+    log-sum-exp of the scores. Returns float32 ``(out [B, Hq, Q, d], lse [B, Hq, Q])``."""
+    B, Hq, Q, d = q.shape
+    G = Hq // k.shape[1]
+    if G > 1:  # query heads h*G .. h*G+G-1 share KV head h
+        k = k.repeat_interleave(G, dim=1)
+        v = v.repeat_interleave(G, dim=1)
+    if not q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scaling)
+    elif q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scaling)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scaling)[:2]
+    return out.to(torch.float32), lse[..., :Q].to(torch.float32)
+
+
+def _fused_chunk_applies(layer: TurboQuantLayer, Q: int) -> bool:
+    """The fused multi-token path covers eager chunks of full-attention layers without a logit soft
+    cap and without left padding; everything else takes the reference path."""
+    p = layer.plan
+    return (_eager() and Q > 1 and not p.softcap and not p.sliding_window and not layer.ring
+            and not bool(layer.start.any()))
+
+
+def _fused_chunk_attention(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of a chunk over its own K/V (causal), the full-precision window and the history,
+    all through :func:`fused_attention`; history tiles are dequantized one at a time."""
+    p = layer.plan
+    parts = [fused_attention(q, k.to(q.dtype), v.to(q.dtype), scaling=p.scaling, causal=True)]
+    n_hist = max(int(layer.n) - p.window, 0)
+    if n_hist and p.quantized:
+        q_rot = q.to(torch.float32)
+        if layer.key_scale is not None:
+            G = q.shape[1] // p.num_kv_heads
+            q_rot = q_rot * layer.key_scale.repeat_interleave(G, dim=0).reshape(1, q.shape[1], 1, p.head_dim)
+        q_rot = matmul_rows(q_rot, layer.rotation_k.T).to(q.dtype)
+    for lo in range(0, n_hist, _HISTORY_TILE):
+        hi = min(lo + _HISTORY_TILE, n_hist)
+        if p.quantized:
+            kt = dequantize_rotated(layer.k_codes[:, :, lo:hi], layer.k_scales[:, :, lo:hi], layer.k_centroids,
+                                    p.key_bits, q.dtype)
+            vt = dequantize_rotated(layer.v_codes[:, :, lo:hi], layer.v_scales[:, :, lo:hi], layer.v_centroids,
+                                    p.value_bits, q.dtype)
+            out, lse = fused_attention(q_rot, kt, vt, scaling=p.scaling, causal=False)
+            parts.append((matmul_rows(out, layer.rotation_v), lse))
+        else:
+            parts.append(fused_attention(q, layer.keys[:, :, lo:hi].to(q.dtype), layer.values[:, :, lo:hi].to(q.dtype),
+                                         scaling=p.scaling, causal=False))
+    filled = min(int(layer.n), p.window)
+    if filled:  # the window ring holds positions n-filled .. n-1, in some slot order: all visible
+        slots = torch.remainder(layer.n - filled + torch.arange(filled, device=q.device), p.window)
+        parts.append(fused_attention(q, layer.win_k.index_select(2, slots).to(q.dtype),
+                                     layer.win_v.index_select(2, slots).to(q.dtype), scaling=p.scaling, causal=False))
+    return merge_attention(parts)
 
 
 def _eager() -> bool:
@@ -209,6 +277,10 @@ def attend_and_store(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Tensor, v
     p = layer.plan
     Q = q.shape[2]
     q_pos = layer.n + torch.arange(Q, device=q.device)
+    if _fused_chunk_applies(layer, Q):
+        out, _ = _fused_chunk_attention(layer, q, k, v, q_pos)
+        _store(layer, k, v)
+        return out.to(q.dtype)
     parts = [_chunk_part(layer, q, k, v, q_pos)]
     hist = _history_part(layer, q, q_pos)
     if hist is not None:

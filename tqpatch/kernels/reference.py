@@ -18,7 +18,17 @@ import torch
 
 from ..packing import unpack
 
-__all__ = ["slot_positions", "history_attention"]
+__all__ = ["slot_positions", "history_attention", "dequantize_rotated"]
+
+
+def dequantize_rotated(codes: torch.Tensor, scales: torch.Tensor | None, centroids: torch.Tensor, bits: int,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Packed codes ``uint8 [.., d*bits/8]`` -> vectors ``[.., d]`` in the rotated domain:
+    ``c[idx]``, times ``scales [..]`` when given."""
+    out = centroids[unpack(codes, bits).long()]
+    if scales is not None:
+        out = out * scales.to(torch.float32).unsqueeze(-1)
+    return out.to(dtype)
 
 
 def slot_positions(
@@ -81,7 +91,7 @@ def history_attention(
     B, Hq, Q, d = q_rot.shape
     Hkv, C = k_codes.shape[1], k_codes.shape[2]
     G = Hq // Hkv
-    kc = k_centroids[unpack(k_codes, key_bits).long()]  # [B, Hkv, C, d] in the rotated domain
+    kc = dequantize_rotated(k_codes, None, k_centroids, key_bits)  # [B, Hkv, C, d], rotated domain
     q = q_rot.to(torch.float32).reshape(B, Hkv, G * Q, d)
     scores = (q @ kc.transpose(-1, -2)) * (k_scales.to(torch.float32) * scaling).unsqueeze(-2)
     if softcap:
@@ -95,6 +105,6 @@ def history_attention(
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
-    vc = v_centroids[unpack(v_codes, value_bits).long()] * v_scales.to(torch.float32).unsqueeze(-1)
+    vc = dequantize_rotated(v_codes, v_scales, v_centroids, value_bits)
     out = p @ vc
     return out.reshape(B, Hq, Q, d), lse.reshape(B, Hq, Q)
