@@ -33,6 +33,7 @@ __all__ = ["attend_and_store", "dense_attention", "fused_attention", "merge_atte
 
 _HISTORY_TILE = 4096
 _QUERY_TILE = 1024
+_NATIVE_GQA = {"cpu": True, "cuda": True}  # flash kernels take fewer K/V heads (set False if one refuses)
 
 
 def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,16 +92,24 @@ def fused_attention(
     log-sum-exp of the scores. Returns float32 ``(out [B, Hq, Q, d], lse [B, Hq, Q])``."""
     B, Hq, Q, d = q.shape
     G = Hq // k.shape[1]
-    if G > 1:  # query heads h*G .. h*G+G-1 share KV head h
+    flash = not q.is_cuda or (q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0)
+    if G > 1 and not (flash and _NATIVE_GQA[q.device.type]):  # query heads h*G .. h*G+G-1 share KV head h
         k = k.repeat_interleave(G, dim=1)
         v = v.repeat_interleave(G, dim=1)
-    if not q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scaling)
-    elif q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scaling)[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, causal, scale=scaling)[:2]
+    try:
+        if not q.is_cuda:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scaling)
+        elif flash:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
+                                                                           scale=scaling)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, None, True, 0.0, causal, scale=scaling)[:2]
+    except RuntimeError:
+        if k.shape[1] == Hq:
+            raise
+        _NATIVE_GQA[q.device.type] = False  # this build's kernel wants K/V heads == query heads
+        return fused_attention(q, k, v, scaling=scaling, causal=causal)
     return out.to(torch.float32), lse[..., :Q].to(torch.float32)
 
 

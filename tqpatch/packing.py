@@ -41,8 +41,13 @@ def packed_size(n: int, bits: int) -> int:
     return n * bits // 8
 
 
-def _shifts(count: int, step: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(count, device=device, dtype=torch.int64) * step
+def _shifts(count: int, step: int, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    return torch.arange(count, device=device, dtype=dtype) * step
+
+
+def _word_dtype(group_bytes: int) -> torch.dtype:
+    """The narrowest integer type holding one group's bit word (int32 up to 3 bytes)."""
+    return torch.int32 if group_bytes <= 3 else torch.int64
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -64,10 +69,18 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.to(torch.uint8)
     g = group_size(bits)
     lead = codes.shape[:-1]
-    c = codes.reshape(*lead, n // g, g).to(torch.int64) & ((1 << bits) - 1)
-    word = (c << _shifts(g, bits, codes.device)).sum(-1, keepdim=True)  # <= 56 bits: fits int64
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # 1, 2, 4 bits: no code straddles a byte, so work in uint8 throughout
+        c = (codes.reshape(*lead, nbytes, g) & mask).to(torch.uint8)
+        out = c[..., 0]
+        for i in range(1, g):
+            out = out | (c[..., i] << (i * bits))
+        return out
     gb = g * bits // 8
-    out = (word >> _shifts(gb, 8, codes.device)) & 0xFF
+    wd = _word_dtype(gb)  # <= 56 bits per group
+    c = codes.reshape(*lead, n // g, g).to(wd) & mask
+    word = (c << _shifts(g, bits, codes.device, wd)).sum(-1, keepdim=True, dtype=wd)
+    out = (word >> _shifts(gb, 8, codes.device, wd)) & 0xFF
     return out.reshape(*lead, nbytes).to(torch.uint8)
 
 
@@ -87,7 +100,12 @@ def unpack(packed: torch.Tensor, bits: int, n: int | None = None) -> torch.Tenso
     g = group_size(bits)
     gb = g * bits // 8
     lead = packed.shape[:-1]
-    p = packed.reshape(*lead, nbytes // gb, gb).to(torch.int64)
-    word = (p << _shifts(gb, 8, packed.device)).sum(-1, keepdim=True)
-    codes = (word >> _shifts(g, bits, packed.device)) & ((1 << bits) - 1)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # 1, 2, 4 bits: shift each byte, uint8 throughout
+        codes = (packed.unsqueeze(-1) >> _shifts(g, bits, packed.device, torch.uint8)) & mask
+        return codes.reshape(*lead, count)
+    wd = _word_dtype(gb)
+    p = packed.reshape(*lead, nbytes // gb, gb).to(wd)
+    word = (p << _shifts(gb, 8, packed.device, wd)).sum(-1, keepdim=True, dtype=wd)
+    codes = (word >> _shifts(g, bits, packed.device, wd)) & mask
     return codes.reshape(*lead, count).to(torch.uint8)

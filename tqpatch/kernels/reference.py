@@ -25,10 +25,11 @@ def dequantize_rotated(codes: torch.Tensor, scales: torch.Tensor | None, centroi
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Packed codes ``uint8 [.., d*bits/8]`` -> vectors ``[.., d]`` in the rotated domain:
     ``c[idx]``, times ``scales [..]`` when given."""
-    out = centroids[unpack(codes, bits).long()]
-    if scales is not None:
-        out = out * scales.to(torch.float32).unsqueeze(-1)
-    return out.to(dtype)
+    out = centroids[unpack(codes, bits).to(torch.int32)]
+    if scales is None:
+        return out.to(dtype)
+    res = torch.empty(out.shape, dtype=dtype, device=out.device)
+    return torch.mul(out, scales.to(torch.float32).unsqueeze(-1), out=res)  # one pass, rounded once
 
 
 def slot_positions(
