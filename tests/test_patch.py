@@ -249,14 +249,24 @@ def test_fused_attention_matches_float64(dtype):
         assert torch.allclose(lse.double(), torch.logsumexp(s, -1), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("bits,window,head_dim", [(4, 0, 64), (3, 8, 128), (2, 5, 64), (16, 4, 64)])
-def test_fused_chunked_prefill_matches_reference_path(monkeypatch, bits, window, head_dim):
+@pytest.mark.parametrize("bits,window,head_dim,smoothing", [(4, 0, 64, False), (3, 8, 128, True),
+                                                             (2, 5, 64, False), (16, 4, 64, False)])
+def test_fused_chunked_prefill_matches_reference_path(monkeypatch, bits, window, head_dim, smoothing):
     """Chunked prefill over compressed history: the fused SDPA path == the reference path."""
+    import dataclasses
+
     from tqpatch import attention
 
     model = tiny_model("qwen2", head_dim=head_dim)
     ids = torch.randint(1, 256, (2, 45), generator=torch.Generator().manual_seed(12))
-    tqpatch.apply(model, key_bits=bits, value_bits=bits, window=window, prefill_chunk=16)
+    recipe = tqpatch.Recipe.uniform(model, bits, bits, window=window)
+    if smoothing:  # key smoothing: keys stored as k / D, queries times D
+        L, H = recipe.num_hidden_layers, recipe.num_key_value_heads
+        scale = torch.rand(L, H, head_dim, generator=torch.Generator().manual_seed(13)) + 0.5
+        recipe = dataclasses.replace(recipe, key_channel_scale=scale)
+    tqpatch.apply(model, recipe=recipe, prefill_chunk=16)
+    if smoothing:
+        assert tqpatch.cache.TurboQuantCache(model).layers[0].plan.key_scale is not None
     calls = []
     real = attention._fused_chunk_attention
     monkeypatch.setattr(attention, "_fused_chunk_attention", lambda *a: calls.append(1) or real(*a))

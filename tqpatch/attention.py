@@ -10,10 +10,10 @@ three parts, each giving ``(out, lse)``, merged by their log-sum-exp:
 3. the chunk's own exact K/V (causal).
 
 Multi-token chunks in eager mode (prefill, chunked prefill, eval's chunk mode) take a fused path
-where it applies (:func:`_fused_chunk_attention`): each history tile is dequantized to the model's
-dtype in the rotated domain and every part runs through PyTorch's fused SDPA kernels (flash
-attention on CUDA and CPU) with their log-sum-exp, so the score matrix is never materialised and the
-dequantized tile is the only transient (bounded by the tile, not the prompt).
+where it applies (:func:`_fused_chunk_attention`): the stored tokens (history codes dequantized in
+the rotated domain, and the window rotated into it) and the chunk itself go through PyTorch's fused
+SDPA kernels (flash attention on CUDA and CPU) with their log-sum-exp, so the score matrix is never
+materialised and a dequantized tile of at most ``_FUSED_TILE`` slots is the only transient.
 
 Then the tokens that leave the window (positions ``P-R .. P+Q-R-1``) are encoded, once, into the
 history store, and the chunk's last tokens enter the window. Masks come from positions: padding
@@ -22,6 +22,8 @@ history store, and the chunk's last tokens enter the window. Masks come from pos
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from . import packing
@@ -29,10 +31,13 @@ from .cache import TurboQuantLayer
 from .kernels.reference import dequantize_rotated, history_attention, slot_positions
 from .rotation import matmul_rows
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["attend_and_store", "dense_attention", "fused_attention", "merge_attention"]
 
 _HISTORY_TILE = 4096
 _QUERY_TILE = 1024
+_FUSED_TILE = 65536  # stored slots per fused call: the dequantized tile (K and V) is the transient
 _NATIVE_GQA = {"cpu": True, "cuda": True}  # flash kernels take fewer K/V heads (set False if one refuses)
 
 
@@ -96,6 +101,12 @@ def fused_attention(
     if G > 1 and not (flash and _NATIVE_GQA[q.device.type]):  # query heads h*G .. h*G+G-1 share KV head h
         k = k.repeat_interleave(G, dim=1)
         v = v.repeat_interleave(G, dim=1)
+    if q.is_cuda and flash and _cudnn_mode(q) is not None:
+        if G > 1 and _CUDNN["mode"] == "expand" and k.shape[1] != Hq:
+            k = k.repeat_interleave(G, dim=1)
+            v = v.repeat_interleave(G, dim=1)
+        out, lse = _cudnn_attention(q, k, v, scaling, causal)
+        return out.to(torch.float32), lse.to(torch.float32)
     try:
         if not q.is_cuda:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scaling)
@@ -113,6 +124,47 @@ def fused_attention(
     return out.to(torch.float32), lse[..., :Q].to(torch.float32)
 
 
+_CUDNN: dict = {"checked": False, "mode": None}
+
+
+def _cudnn_attention(q, k, v, scaling: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scaling)
+    B, Hq, Q, _ = q.shape
+    return r[0], r[1].reshape(B, Hq, -1)[..., :Q]
+
+
+def _cudnn_mode(q: torch.Tensor) -> str | None:
+    """Whether cuDNN's fused attention (faster than the flash kernel on Hopper) serves here:
+    checked once per process against the flash kernel on random inputs (outputs and log-sum-exp,
+    causal and not, fewer K/V heads natively or repeated). ``None``: use flash."""
+    if _CUDNN["checked"]:
+        return _CUDNN["mode"]
+    _CUDNN["checked"] = True
+    g = torch.Generator(device=q.device).manual_seed(0)
+    qq = torch.randn(1, 8, 192, 128, device=q.device, dtype=torch.bfloat16, generator=g)
+    kk = torch.randn(1, 2, 320, 128, device=q.device, dtype=torch.bfloat16, generator=g)
+    vv = torch.randn(1, 2, 320, 128, device=q.device, dtype=torch.bfloat16, generator=g)
+    for mode in ("native", "expand"):
+        try:
+            ok = True
+            for causal, (k, v) in ((False, (kk, vv)), (True, (kk[:, :, :192], vv[:, :, :192]))):
+                ke, ve = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+                o, lse = _cudnn_attention(qq, k if mode == "native" else ke, v if mode == "native" else ve,
+                                          0.088, causal)
+                ref = torch.ops.aten._scaled_dot_product_flash_attention(qq, ke, ve, 0.0, causal, False,
+                                                                          scale=0.088)
+                ok &= bool((o.float() - ref[0].float()).abs().max() < 2e-2)
+                ok &= bool((lse.float() - ref[1].float()).abs().max() < 1e-2)
+            if ok:
+                _CUDNN["mode"] = mode
+                break
+        except Exception as exc:  # noqa: BLE001 - any failure means: not this way
+            logger.debug("cuDNN attention (%s K/V heads) unusable: %s", mode, exc)
+    logger.info("fused chunk attention on CUDA: %s", f"cuDNN ({_CUDNN['mode']} K/V heads)" if _CUDNN["mode"]
+                else "flash (cuDNN attention unavailable or disagreeing)")
+    return _CUDNN["mode"]
+
+
 def _fused_chunk_applies(layer: TurboQuantLayer, Q: int) -> bool:
     """The fused multi-token path covers eager chunks of full-attention layers without a logit soft
     cap and without left padding; everything else takes the reference path."""
@@ -123,35 +175,64 @@ def _fused_chunk_applies(layer: TurboQuantLayer, Q: int) -> bool:
 
 def _fused_chunk_attention(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of a chunk over its own K/V (causal), the full-precision window and the history,
-    all through :func:`fused_attention`; history tiles are dequantized one at a time."""
+    """(out, lse) of a chunk over its own K/V (causal) and over the stored tokens (history then the
+    full-precision window), all through :func:`fused_attention`.
+
+    The stored tokens go through one call per tile of up to ``_FUSED_TILE`` slots: history codes
+    dequantized in the rotated domain, the window rotated into it (``Pi_K (k / D)``, ``Pi_V v``),
+    so the rotated query ``Pi_K (D q)`` meets both in one kernel; the tiles merge in the rotated
+    domain and the result is rotated back once."""
     p = layer.plan
-    parts = [fused_attention(q, k.to(q.dtype), v.to(q.dtype), scaling=p.scaling, causal=True)]
-    n_hist = max(int(layer.n) - p.window, 0)
-    if n_hist and p.quantized:
-        q_rot = q.to(torch.float32)
+    dtype = q.dtype
+    self_part = fused_attention(q, k.to(dtype), v.to(dtype), scaling=p.scaling, causal=True)
+    n = int(layer.n)
+    n_hist = max(n - p.window, 0)
+    filled = min(n, p.window)
+    if n_hist + filled == 0:
+        return self_part
+    if filled:  # the window ring holds positions n-filled .. n-1 (position t at slot t % R)
+        slots = torch.remainder(n - filled + torch.arange(filled, device=q.device), p.window)
+        wk, wv = layer.win_k.index_select(2, slots), layer.win_v.index_select(2, slots)
+    if p.quantized:
+        G = q.shape[1] // p.num_kv_heads
+        q_in = q.to(torch.float32)
         if layer.key_scale is not None:
-            G = q.shape[1] // p.num_kv_heads
-            q_rot = q_rot * layer.key_scale.repeat_interleave(G, dim=0).reshape(1, q.shape[1], 1, p.head_dim)
-        q_rot = matmul_rows(q_rot, layer.rotation_k.T).to(q.dtype)
-    for lo in range(0, n_hist, _HISTORY_TILE):
-        hi = min(lo + _HISTORY_TILE, n_hist)
-        if p.quantized:
-            kt = dequantize_rotated(layer.k_codes[:, :, lo:hi], layer.k_scales[:, :, lo:hi], layer.k_centroids,
-                                    p.key_bits, q.dtype)
-            vt = dequantize_rotated(layer.v_codes[:, :, lo:hi], layer.v_scales[:, :, lo:hi], layer.v_centroids,
-                                    p.value_bits, q.dtype)
-            out, lse = fused_attention(q_rot, kt, vt, scaling=p.scaling, causal=False)
-            parts.append((matmul_rows(out, layer.rotation_v), lse))
-        else:
-            parts.append(fused_attention(q, layer.keys[:, :, lo:hi].to(q.dtype), layer.values[:, :, lo:hi].to(q.dtype),
-                                         scaling=p.scaling, causal=False))
-    filled = min(int(layer.n), p.window)
-    if filled:  # the window ring holds positions n-filled .. n-1, in some slot order: all visible
-        slots = torch.remainder(layer.n - filled + torch.arange(filled, device=q.device), p.window)
-        parts.append(fused_attention(q, layer.win_k.index_select(2, slots).to(q.dtype),
-                                     layer.win_v.index_select(2, slots).to(q.dtype), scaling=p.scaling, causal=False))
-    return merge_attention(parts)
+            q_in = q_in * layer.key_scale.repeat_interleave(G, dim=0).reshape(1, q.shape[1], 1, p.head_dim)
+            if filled:
+                wk = wk.to(torch.float32) / layer.key_scale.reshape(1, p.num_kv_heads, 1, p.head_dim)
+        q_in = matmul_rows(q_in, layer.rotation_k.T).to(dtype)
+        if filled:
+            wk = matmul_rows(wk.to(torch.float32), layer.rotation_k.T)
+            wv = matmul_rows(wv.to(torch.float32), layer.rotation_v.T)
+    else:
+        q_in = q
+    parts = []
+    total = n_hist + filled
+    B, Hkv, d = q.shape[0], p.num_kv_heads, p.head_dim
+    for lo in range(0, total, _FUSED_TILE):
+        hi = min(lo + _FUSED_TILE, total)
+        kt = torch.empty(B, Hkv, hi - lo, d, dtype=dtype, device=q.device)
+        vt = torch.empty_like(kt)
+        h = min(hi, n_hist)
+        if h > lo:  # history slots lo .. h-1
+            if p.quantized:
+                dequantize_rotated(layer.k_codes[:, :, lo:h], layer.k_scales[:, :, lo:h], layer.k_centroids,
+                                   p.key_bits, dtype, out=kt[:, :, : h - lo])
+                dequantize_rotated(layer.v_codes[:, :, lo:h], layer.v_scales[:, :, lo:h], layer.v_centroids,
+                                   p.value_bits, dtype, out=vt[:, :, : h - lo])
+            else:
+                kt[:, :, : h - lo] = layer.keys[:, :, lo:h]
+                vt[:, :, : h - lo] = layer.values[:, :, lo:h]
+        if hi > n_hist:  # window entries max(lo, n_hist) - n_hist .. hi - n_hist - 1
+            w0 = max(lo, n_hist) - n_hist
+            kt[:, :, max(lo, n_hist) - lo:] = wk[:, :, w0 : hi - n_hist]
+            vt[:, :, max(lo, n_hist) - lo:] = wv[:, :, w0 : hi - n_hist]
+        parts.append(fused_attention(q_in, kt, vt, scaling=p.scaling, causal=False))
+        del kt, vt
+    out, lse = merge_attention(parts)
+    if p.quantized:
+        out = matmul_rows(out, layer.rotation_v)
+    return merge_attention([self_part, (out, lse)])
 
 
 def _eager() -> bool:

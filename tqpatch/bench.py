@@ -625,6 +625,25 @@ def e2e_correctness(device: torch.device, compiled: bool = True) -> dict[str, An
         res["compiled_vs_eager"] = rel(run(True, True), eager_triton)
     else:
         res["compiled_vs_eager"] = None
+    # Chunked prefill (chunks of 64 over 300 tokens): the fused SDPA path vs the reference path.
+    from tqpatch import attention
+
+    def prefill(fused: bool) -> torch.Tensor:
+        orig = attention._fused_chunk_applies
+        if not fused:
+            attention._fused_chunk_applies = lambda layer, Q: False
+        try:
+            with torch.no_grad():
+                return model(ids, past_key_values=TurboQuantCache(model, max_cache_len=400, batch_size=2),
+                             use_cache=True).logits.float()
+        finally:
+            attention._fused_chunk_applies = orig
+
+    tqpatch.unapply(model)
+    tqpatch.apply(model, key_bits=4, value_bits=4, window=16, prefill_chunk=64)
+    res["fused_prefill_vs_reference"] = rel(prefill(True), prefill(False))
+    res["fused_attention_backend"] = (f"cuDNN ({attention._CUDNN['mode']} K/V heads)" if attention._CUDNN["mode"]
+                                      else "flash") if device.type == "cuda" else "flash (CPU)"
     res["seconds"] = round(time.time() - t0, 1)
     tqpatch.unapply(model)
     return res
@@ -1691,7 +1710,10 @@ def format_markdown(result: dict[str, Any]) -> str:
             c = corr["e2e"]
             lines += [f"{c.get('model')}, {c.get('dtype')} logits over 44 decode steps (relative error): "
                       f"eager Triton vs torch reference {_f(c.get('eager_triton_vs_torch_reference'), '.2e')}; "
-                      f"compiled (CUDA graphs) vs eager {_f(c.get('compiled_vs_eager'), '.2e')}.", ""]
+                      f"compiled (CUDA graphs) vs eager {_f(c.get('compiled_vs_eager'), '.2e')}. "
+                      f"Chunked prefill (64-token chunks over 300 tokens), fused SDPA path "
+                      f"({c.get('fused_attention_backend', '-')}) vs reference path: "
+                      f"{_f(c.get('fused_prefill_vs_reference'), '.2e')}.", ""]
     k = result.get("kernel")
     if k and k.get("rows"):
         lines += ["## Decode attention kernel", "",

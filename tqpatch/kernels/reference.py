@@ -22,14 +22,16 @@ __all__ = ["slot_positions", "history_attention", "dequantize_rotated"]
 
 
 def dequantize_rotated(codes: torch.Tensor, scales: torch.Tensor | None, centroids: torch.Tensor, bits: int,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                       dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed codes ``uint8 [.., d*bits/8]`` -> vectors ``[.., d]`` in the rotated domain:
-    ``c[idx]``, times ``scales [..]`` when given."""
-    out = centroids[unpack(codes, bits).to(torch.int32)]
+    ``c[idx]``, times ``scales [..]`` when given (computed in float32, rounded once to ``dtype``,
+    written into ``out`` when given)."""
+    vals = centroids[unpack(codes, bits).to(torch.int32)]
+    if out is None:
+        out = torch.empty(vals.shape, dtype=dtype, device=vals.device)
     if scales is None:
-        return out.to(dtype)
-    res = torch.empty(out.shape, dtype=dtype, device=out.device)
-    return torch.mul(out, scales.to(torch.float32).unsqueeze(-1), out=res)  # one pass, rounded once
+        return out.copy_(vals)
+    return torch.mul(vals, scales.to(torch.float32).unsqueeze(-1), out=out)
 
 
 def slot_positions(
