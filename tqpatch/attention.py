@@ -173,6 +173,48 @@ def _fused_chunk_applies(layer: TurboQuantLayer, Q: int) -> bool:
             and not bool(layer.start.any()))
 
 
+def _rotate_queries(layer: TurboQuantLayer, q: torch.Tensor) -> torch.Tensor:
+    """Queries ``[B, Hq, Q, d]`` into the keys' rotated domain (``Pi_K D q``), float32."""
+    p = layer.plan
+    x = q.to(torch.float32)
+    if layer.key_scale is not None:
+        G = q.shape[1] // p.num_kv_heads
+        x = x * layer.key_scale.repeat_interleave(G, dim=0).reshape(1, q.shape[1], 1, p.head_dim)
+    return p.key_split.rotate(x) if p.key_split else matmul_rows(x, layer.rotation_k.T)
+
+
+def _rotate_stored(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-precision K/V ``[B, Hkv, N, d]`` into the rotated domains of the codes (``Pi_K (k / D)``,
+    ``Pi_V v``), float32: the same space the dequantized history lives in."""
+    p = layer.plan
+    k = k.to(torch.float32)
+    if layer.key_scale is not None:
+        k = k / layer.key_scale.reshape(1, p.num_kv_heads, 1, p.head_dim)
+    k = p.key_split.rotate(k) if p.key_split else matmul_rows(k, layer.rotation_k.T)
+    v = v.to(torch.float32)
+    v = p.value_split.rotate(v) if p.value_split else matmul_rows(v, layer.rotation_v.T)
+    return k, v
+
+
+def _unrotate_values(layer: TurboQuantLayer, out: torch.Tensor) -> torch.Tensor:
+    """An attention output in the values' rotated domain back to the model's basis (float32)."""
+    p = layer.plan
+    return p.value_split.unrotate(out) if p.value_split else matmul_rows(out, layer.rotation_v)
+
+
+def _dequantize_slots(layer: TurboQuantLayer, lo: int, hi: int, dtype: torch.dtype, out_k: torch.Tensor | None = None,
+                      out_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """History slots ``lo .. hi-1`` as scaled vectors in the rotated domains (``dtype``)."""
+    p = layer.plan
+    kc, ks = layer.k_codes[:, :, lo:hi], layer.k_scales[:, :, lo:hi]
+    vc, vs = layer.v_codes[:, :, lo:hi], layer.v_scales[:, :, lo:hi]
+    k = (p.key_split.dequantize_rotated(kc, ks, dtype, out=out_k) if p.key_split
+         else dequantize_rotated(kc, ks, layer.k_centroids, p.key_bits, dtype, out=out_k))
+    v = (p.value_split.dequantize_rotated(vc, vs, dtype, out=out_v) if p.value_split
+         else dequantize_rotated(vc, vs, layer.v_centroids, p.value_bits, dtype, out=out_v))
+    return k, v
+
+
 def _fused_chunk_attention(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of a chunk over its own K/V (causal) and over the stored tokens (history then the
@@ -193,19 +235,9 @@ def _fused_chunk_attention(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Ten
     if filled:  # the window ring holds positions n-filled .. n-1 (position t at slot t % R)
         slots = torch.remainder(n - filled + torch.arange(filled, device=q.device), p.window)
         wk, wv = layer.win_k.index_select(2, slots), layer.win_v.index_select(2, slots)
-    if p.quantized:
-        G = q.shape[1] // p.num_kv_heads
-        q_in = q.to(torch.float32)
-        if layer.key_scale is not None:
-            q_in = q_in * layer.key_scale.repeat_interleave(G, dim=0).reshape(1, q.shape[1], 1, p.head_dim)
-            if filled:
-                wk = wk.to(torch.float32) / layer.key_scale.reshape(1, p.num_kv_heads, 1, p.head_dim)
-        q_in = matmul_rows(q_in, layer.rotation_k.T).to(dtype)
-        if filled:
-            wk = matmul_rows(wk.to(torch.float32), layer.rotation_k.T)
-            wv = matmul_rows(wv.to(torch.float32), layer.rotation_v.T)
-    else:
-        q_in = q
+        if p.quantized:
+            wk, wv = _rotate_stored(layer, wk, wv)
+    q_in = _rotate_queries(layer, q).to(dtype) if p.quantized else q
     parts = []
     total = n_hist + filled
     B, Hkv, d = q.shape[0], p.num_kv_heads, p.head_dim
@@ -216,10 +248,7 @@ def _fused_chunk_attention(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Ten
         h = min(hi, n_hist)
         if h > lo:  # history slots lo .. h-1
             if p.quantized:
-                dequantize_rotated(layer.k_codes[:, :, lo:h], layer.k_scales[:, :, lo:h], layer.k_centroids,
-                                   p.key_bits, dtype, out=kt[:, :, : h - lo])
-                dequantize_rotated(layer.v_codes[:, :, lo:h], layer.v_scales[:, :, lo:h], layer.v_centroids,
-                                   p.value_bits, dtype, out=vt[:, :, : h - lo])
+                _dequantize_slots(layer, lo, h, dtype, out_k=kt[:, :, : h - lo], out_v=vt[:, :, : h - lo])
             else:
                 kt[:, :, : h - lo] = layer.keys[:, :, lo:h]
                 vt[:, :, : h - lo] = layer.values[:, :, lo:h]
@@ -231,7 +260,7 @@ def _fused_chunk_attention(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Ten
         del kt, vt
     out, lse = merge_attention(parts)
     if p.quantized:
-        out = matmul_rows(out, layer.rotation_v)
+        out = _unrotate_values(layer, out)
     return merge_attention([self_part, (out, lse)])
 
 
@@ -248,12 +277,8 @@ def _history_part(layer: TurboQuantLayer, q: torch.Tensor, q_pos: torch.Tensor) 
     B, Hq, Q, d = q.shape
     sliding = p.sliding_window or 0
     if p.quantized:
-        q_rot = q.to(torch.float32)
-        if layer.key_scale is not None:
-            G = Hq // p.num_kv_heads
-            q_rot = q_rot * layer.key_scale.repeat_interleave(G, dim=0).reshape(1, Hq, 1, d)
-        q_rot = matmul_rows(q_rot, layer.rotation_k.T)
-        if q.is_cuda and Q == 1:
+        q_rot = _rotate_queries(layer, q)
+        if q.is_cuda and Q == 1 and not p.split:
             from .kernels import triton_decode
 
             if triton_decode.available():
@@ -273,7 +298,13 @@ def _history_part(layer: TurboQuantLayer, q: torch.Tensor, q_pos: torch.Tensor) 
     tile = _HISTORY_TILE if _eager() else slots
     for lo in range(0, slots, tile):
         hi = min(lo + tile, slots)
-        if p.quantized:
+        if p.split:  # outlier-channel split: dequantized slots (both rotated domains), exact attention
+            pos, filled = slot_positions(n_hist, layer.capacity, layer.ring, q.device, hi, offset=lo)
+            kd, vd = _dequantize_slots(layer, lo, hi, torch.float32)
+            out, lse = dense_attention(q_rot, kd, vd, pos, filled, q_pos, layer.start, scaling=p.scaling,
+                                       softcap=p.softcap, window=sliding)
+            out = _unrotate_values(layer, out)
+        elif p.quantized:
             out, lse = history_attention(
                 q_rot, layer.k_codes[:, :, lo:hi], layer.k_scales[:, :, lo:hi], layer.v_codes[:, :, lo:hi],
                 layer.v_scales[:, :, lo:hi], layer.k_centroids, layer.v_centroids, n_hist, layer.start,
@@ -299,12 +330,15 @@ def _encode_into_history(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tenso
         ks = k.to(torch.float32)
         if layer.key_scale is not None:
             ks = ks / layer.key_scale.reshape(1, p.num_kv_heads, 1, p.head_dim)
-        kidx, kscale = p.key_quantizer.encode_indices(ks)
-        vidx, vscale = p.value_quantizer.encode_indices(v)
-        layer.k_codes.index_copy_(2, slots, packing.pack(kidx, p.key_bits))
-        layer.v_codes.index_copy_(2, slots, packing.pack(vidx, p.value_bits))
-        layer.k_scales.index_copy_(2, slots, kscale.to(torch.float16))
-        layer.v_scales.index_copy_(2, slots, vscale.to(torch.float16))
+        for side, x, split, quantizer, bits in (("k", ks, p.key_split, p.key_quantizer, p.key_bits),
+                                                 ("v", v, p.value_split, p.value_quantizer, p.value_bits)):
+            if split is not None:
+                codes, scales = split.encode(x)
+            else:
+                idx, scales = quantizer.encode_indices(x)
+                codes = packing.pack(idx, bits)
+            getattr(layer, f"{side}_codes").index_copy_(2, slots, codes)
+            getattr(layer, f"{side}_scales").index_copy_(2, slots, scales.to(torch.float16))
     else:
         layer.keys.index_copy_(2, slots, k.to(layer.keys.dtype))
         layer.values.index_copy_(2, slots, v.to(layer.values.dtype))

@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import packing
 from .quantizer import TurboQuantizer
+from .split import HeadSplit
 
 __all__ = ["LayerPlan", "TurboQuantLayer", "TurboQuantCache", "cache_nbytes"]
 
@@ -52,6 +53,8 @@ class LayerPlan:
         key_quantizer, value_quantizer: the TurboQuant quantizers (``None`` for 16-bit layers).
         key_scale: key smoothing ``D`` as ``float32 [Hkv, d]`` (keys stored as ``k / D``, queries
             multiplied by ``D``), or ``None``.
+        key_split, value_split: an outlier-channel split (:class:`tqpatch.split.HeadSplit`) that
+            replaces the quantizer of that side, or ``None``.
     """
 
     layer_idx: int
@@ -67,7 +70,14 @@ class LayerPlan:
     key_quantizer: TurboQuantizer | None = None
     value_quantizer: TurboQuantizer | None = None
     key_scale: torch.Tensor | None = None
+    key_split: "HeadSplit | None" = None
+    value_split: "HeadSplit | None" = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def split(self) -> bool:
+        """Whether keys or values use an outlier-channel split (:mod:`tqpatch.split`)."""
+        return self.key_split is not None or self.value_split is not None
 
     @property
     def quantized(self) -> bool:
@@ -106,10 +116,13 @@ class TurboQuantLayer(CacheLayerMixin):
         self.capacity, self.ring = p.history_capacity(max_cache_len)
         shape = (batch_size, p.num_kv_heads, self.capacity)
         if p.quantized:
-            self.k_codes = torch.zeros(*shape, packing.packed_size(p.head_dim, p.key_bits), dtype=torch.uint8, device=device)
-            self.v_codes = torch.zeros(*shape, packing.packed_size(p.head_dim, p.value_bits), dtype=torch.uint8, device=device)
-            self.k_scales = torch.zeros(shape, dtype=torch.float16, device=device)
-            self.v_scales = torch.zeros(shape, dtype=torch.float16, device=device)
+            kb = p.key_split.code_bytes if p.key_split else packing.packed_size(p.head_dim, p.key_bits)
+            vb = p.value_split.code_bytes if p.value_split else packing.packed_size(p.head_dim, p.value_bits)
+            self.k_codes = torch.zeros(*shape, kb, dtype=torch.uint8, device=device)
+            self.v_codes = torch.zeros(*shape, vb, dtype=torch.uint8, device=device)
+            # a split side keeps two scales per vector (outlier part, rest)
+            self.k_scales = torch.zeros(*shape, *((2,) if p.key_split else ()), dtype=torch.float16, device=device)
+            self.v_scales = torch.zeros(*shape, *((2,) if p.value_split else ()), dtype=torch.float16, device=device)
             kt = p.key_quantizer.tensors(device)
             vt = p.value_quantizer.tensors(device)
             self.rotation_k, self.k_centroids, self.k_thresholds = kt["matrix"], kt["centroids"], kt["thresholds"]

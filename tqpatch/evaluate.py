@@ -512,7 +512,7 @@ def _tqpatch_format_bits(plans) -> float:
     num = den = 0.0
     for p in plans:
         w = p.num_kv_heads * p.head_dim
-        for q, b in ((p.key_quantizer, p.key_bits), (p.value_quantizer, p.value_bits)):
+        for q, b in ((p.key_split or p.key_quantizer, p.key_bits), (p.value_split or p.value_quantizer, p.value_bits)):
             bpv = None if q is None else q.bytes_per_vector
             bits = 16.0 if q is None else 8.0 * (bpv() if callable(bpv) else bpv) / p.head_dim
             num += bits * w

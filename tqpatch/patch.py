@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 from .attention import attend_and_store, dense_attention
 from .cache import FULL_PRECISION, LayerPlan, TurboQuantCache
 from .quantizer import TurboQuantizer
+from .split import HeadSplit
 from .sharding import local_head_slice, output_width
 
 __all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "apply", "unapply", "is_patched", "layer_plans", "attention_modules"]
@@ -267,12 +268,19 @@ def apply(
             kq = TurboQuantizer(head_dim, kb, seed=s, rotation=settings["rotation"], scale_dtype=torch.float16)
             vq = TurboQuantizer(head_dim, vb, seed=s, rotation=settings["rotation"], scale_dtype=torch.float16)
         scale = settings.get("key_channel_scale")
+        splits = {}
+        for side, bits in (("key", kb), ("value", vb)):
+            entry = (settings.get(f"{side}_outliers") or [None] * L)[i]
+            if entry is not None and bits != FULL_PRECISION:
+                channels, outlier_bits = entry
+                splits[side] = HeadSplit(head_dim, torch.as_tensor(channels)[heads], int(outlier_bits), bits,
+                                         seed=settings["seed"][i], rotation=settings["rotation"])
         plans.append(
             LayerPlan(
                 layer_idx=m.layer_idx, num_heads=n_q, num_kv_heads=n_kv, head_dim=head_dim, key_bits=kb,
                 value_bits=vb, window=settings["window"][i], sliding_window=int(sliding) if sliding else None,
                 scaling=float(m.scaling), softcap=getattr(m, "attn_logit_softcapping", None) or None,
-                key_quantizer=kq, value_quantizer=vq,
+                key_quantizer=kq, value_quantizer=vq, key_split=splits.get("key"), value_split=splits.get("value"),
                 key_scale=None if scale is None or kb == FULL_PRECISION or bool((scale[i] == 1).all())
                 else scale[i][heads].to(torch.float32),
             )

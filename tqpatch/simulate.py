@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 from transformers.cache_utils import DynamicCache
 
-from . import packing
+from .rotation import matmul_rows
 
 __all__ = ["DequantizedCache", "dequantized_history", "as_dynamic_cache"]
 
@@ -74,8 +74,11 @@ def dequantized_history(layer) -> tuple[torch.Tensor, torch.Tensor]:
     if layer.capacity and n_hist:
         order = _filled_in_position_order(*slot_positions(torch.tensor(n_hist), layer.capacity, layer.ring, layer.n.device))
         if p.quantized:
-            k = p.key_quantizer.decode_indices(packing.unpack(layer.k_codes, p.key_bits), layer.k_scales)
-            v = p.value_quantizer.decode_indices(packing.unpack(layer.v_codes, p.value_bits), layer.v_scales)
+            from .attention import _dequantize_slots, _unrotate_values
+
+            kr, vr = _dequantize_slots(layer, 0, layer.capacity, torch.float32)
+            k = (p.key_split.unrotate(kr) if p.key_split else matmul_rows(kr, layer.rotation_k))
+            v = _unrotate_values(layer, vr)
             if layer.key_scale is not None:
                 k = k * layer.key_scale.reshape(1, p.num_kv_heads, 1, p.head_dim)
         else:
