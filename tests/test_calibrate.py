@@ -37,18 +37,19 @@ def test_allocation_meets_budget_and_spends_it(target, d):
     meas = _synthetic(L, rng)
     cfg = CalibrationConfig(target_bits=target, allow_bf16_layers=False)
     alloc = _allocate(meas, L, cfg, d)
-    cost = [((kb + 16 / d) + (vb + 16 / d)) / 2 for kb, vb in alloc]
+    cost = [((kb + 16 / d) + (vb + 16 / d)) / 2 for (kb, _), (vb, _) in alloc]
+    assert all(kob == 0 and vob == 0 for (_, kob), (_, vob) in alloc)  # no split options given
     assert sum(cost) / L <= target + 1e-9
     # Nothing affordable is left: no single layer can move up one candidate step within the budget.
     cands = sorted(cfg.candidate_bits)
     slack = target * L - sum(cost)
-    for kb, vb in alloc:
+    for (kb, _), (vb, _) in alloc:
         for b in (kb, vb):
             up = [c for c in cands if c > b]
             if up:
                 assert (up[0] - b) / 2 > slack - 1e-9
     # Sensitive keys get at least as many bits as values of the same layer (keys are 10x as sensitive here).
-    assert sum(kb for kb, _ in alloc) >= sum(vb for _, vb in alloc)
+    assert sum(kb for (kb, _), _ in alloc) >= sum(vb for _, (vb, _) in alloc)
     assert alloc == _allocate(meas, L, cfg, d)  # deterministic
 
 
@@ -58,7 +59,29 @@ def test_allocation_prefers_the_sensitive_layer():
     for b in meas.key_kl:
         meas.key_kl[b][3] *= 1000.0
     alloc = _allocate(meas, L, CalibrationConfig(target_bits=3.25, allow_bf16_layers=False), 64)
-    assert alloc[3][0] == max(kb for kb, _ in alloc)
+    assert alloc[3][0][0] == max(kb for (kb, _), _ in alloc)
+
+
+@pytest.mark.parametrize("target", [3.3, 3.6])
+def test_allocation_uses_outlier_splits_for_fractional_budgets(target):
+    """With split options (16 of 64 channels one bit up: +0.25 + 0.25 bits of codes and scale),
+    a budget between integer widths is met by splits where they are predicted to pay, and the
+    cost counts the split's codes and both scales."""
+    d, L = 64, 8
+    meas = _synthetic(L, random.Random(3))
+    for b in (2, 3, 4, 5, 6):  # a split at b removes 60% of the way to b + 1
+        meas.key_split_kl[b] = [x + 0.6 * (y - x) for x, y in zip(meas.key_kl[b], meas.key_kl[b + 1 if b < 6 else 8])]
+        meas.value_split_kl[b] = [x + 0.6 * (y - x) for x, y in zip(meas.value_kl[b], meas.value_kl[b + 1 if b < 6 else 8])]
+    cfg = CalibrationConfig(target_bits=target, allow_bf16_layers=False, candidate_bits=(2, 3, 4, 5, 6, 8))
+    alloc = _allocate(meas, L, cfg, d)
+
+    def side(b, ob):
+        return b + 16 / d if not ob else b + 16 / d + 16 / d + 16 / d  # 16 channels one bit up, 2 scales
+
+    cost = sum((side(*k) + side(*v)) / 2 for k, v in alloc) / L
+    assert cost <= target + 1e-9
+    assert any(ob for k, v in alloc for _, ob in (k, v)), alloc
+    assert all(ob in (0, b + 1) for k, v in alloc for b, ob in (k, v))
 
 
 def test_budget_below_the_cheapest_allocation_is_an_error():

@@ -68,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                           chunk=0 if args.passkey_only else args.chunk, decode=not args.passkey_only,
                           passkey_lengths=tuple(args.passkey_lengths))
     t0 = time.perf_counter()
+    command = "python tools/run_eval.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    info = run_info(command)  # now: the commit whose code this process imported
     model, tok = load_model(args.model, dtype=torch.float32, device=args.device)
     result = E.evaluate(model, tok, Path(args.text).read_text(encoding="utf-8"), methods, config, model_name=name)
-    command = "python tools/run_eval.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    result.info.update(run_info(command), text=str(args.text), total_wall_seconds=time.perf_counter() - t0,
+    result.info.update(info, text=str(args.text), total_wall_seconds=time.perf_counter() - t0,
                        method_seconds={r.method["name"]: round(r.seconds, 1) for r in result.methods})
     stem = name + ("-quick" if args.quick else "") + ("-passkey" if args.passkey_only else "")
     for path in E.write_results(result, args.out, stem):

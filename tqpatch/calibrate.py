@@ -9,10 +9,16 @@
    a chunk of text that attends to a history in which *one* layer's keys (or values) are
    quantized at ``b`` bits, for every layer, side and measured bit width (and, for keys, with and
    without smoothing, keeping whichever is lower);
-3. allocates bits under the average-bits budget (codes and the fp16 scale of every vector
+3. finds outlier channels per layer, side and head (the largest RMS over every calibration token;
+   keys as stored, i.e. smoothed where smoothing won) and their share of the energy, for the
+   fractional-bit option of the paper's outlier-channel split (``outlier_fraction`` of the
+   channels one bit above the rest; its KL is estimated from the measured widths by the split's
+   relative distortion);
+4. allocates bits under the average-bits budget (codes and the fp16 scales of every vector
    counted; a layer kept in bf16 costs 16) by a Lagrangian over per-layer options, then greedily
-   spends what is left, assuming per-layer KLs add up; the joint KL of the result is measured
-   and stored in the recipe's ``quality`` next to a uniform recipe's.
+   spends what is left, assuming per-layer KLs add up; this is done with and without split
+   options, the joint KL of both allocations is measured on the calibration chunk and the lower
+   is kept (both stored in the provenance), next to a uniform recipe's KL in ``quality``.
 
 Why this is cheap: a prompt's prefill is exact whatever the cache stores, so the prompt runs once
 and every candidate only re-runs the chunk over the prefill's K/V with one layer quantized ->
@@ -28,6 +34,7 @@ evaluation text.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import logging
 import math
@@ -41,6 +48,7 @@ from transformers.cache_utils import DynamicCache
 from .codebook import distortion
 from .quantizer import TurboQuantizer
 from .recipe import BF16_BITS, Recipe, _model_shape
+from .split import HeadSplit
 
 __all__ = ["CalibrationConfig", "Sensitivity", "calibrate", "default_texts", "measure_sensitivity"]
 
@@ -75,6 +83,10 @@ class CalibrationConfig:
         rotation: ``"haar"`` or ``"hadamard"``; seed: layer ``i`` uses rotation seed ``seed + i``.
         outlier_ratio: a layer whose median key or value norm is this many times above (or
             below) the median over layers is reported as an outlier layer.
+        outlier_fraction: fractional-bit options: a layer side at ``b`` bits may instead split
+            off this fraction of its channels (per head, the largest by RMS over the calibration
+            tokens; rounded to a multiple of 8) at ``b + 1`` bits (the paper's outlier-channel
+            split; two scales per vector counted). 0 disables splits.
     """
 
     target_bits: float = 4.0
@@ -89,8 +101,11 @@ class CalibrationConfig:
     rotation: str = "haar"
     seed: int = 0
     outlier_ratio: float = 8.0
+    outlier_fraction: float = 0.25
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.outlier_fraction < 1.0:
+            raise ValueError(f"outlier_fraction must be in [0, 1), got {self.outlier_fraction}")
         if not self.candidate_bits or any(not 1 <= b <= 8 for b in self.candidate_bits):
             raise ValueError(f"candidate_bits must be bit widths in 1..8, got {self.candidate_bits}")
         if not self.measured_bits or not set(self.measured_bits) <= set(self.candidate_bits):
@@ -102,11 +117,21 @@ class CalibrationConfig:
                              "or nothing is quantized during calibration")
 
 
+def _outlier_count(cfg: CalibrationConfig, d: int) -> int:
+    """Channels a split gives ``b + 1`` bits: ``outlier_fraction * d`` rounded to a multiple of 8
+    (whole bytes at every width), or 0 when splits are off or the head is too small."""
+    n = 8 * round(cfg.outlier_fraction * d / 8)
+    return n if 8 <= n <= d - 8 else 0
+
+
 @dataclass
 class _Measurements:
     key_kl: dict[int, list[float]] = field(default_factory=dict)  # bits -> per layer
     value_kl: dict[int, list[float]] = field(default_factory=dict)
     smoothing: list[bool] = field(default_factory=list)
+    # splits: bits b of the rest (outliers at b + 1) -> per layer, estimated from the distortion
+    key_split_kl: dict[int, list[float]] = field(default_factory=dict)
+    value_split_kl: dict[int, list[float]] = field(default_factory=dict)
 
 
 # -- text ------------------------------------------------------------------------------------------
@@ -150,13 +175,19 @@ class _Bench:
         lq = self._logprobs(keys, values)
         return float((self.ref.exp() * (self.ref - lq)).sum(-1).mean())
 
-    def quantized_history(self, x: torch.Tensor, q: TurboQuantizer, scale: torch.Tensor | None) -> torch.Tensor:
-        """``x [B, H, P, d]`` with its first ``P - window`` tokens quantized -> dequantized."""
+    def quantized_history(self, x: torch.Tensor, q: "TurboQuantizer | HeadSplit", scale: torch.Tensor | None
+                          ) -> torch.Tensor:
+        """``x [B, H, P, d]`` with its first ``P - window`` tokens quantized -> dequantized (by a
+        quantizer, or a layer's outlier-channel split)."""
         hist = x.shape[2] - self.cfg.window
         h = x[:, :, :hist].float()
         if scale is not None:
             h = h / scale.reshape(1, -1, 1, h.shape[-1])
-        r = q.dequantize(q.quantize(h, check_finite=False))
+        if isinstance(q, HeadSplit):
+            codes, scales = q.encode(h)
+            r = q.unrotate(q.dequantize_rotated(codes, scales.to(torch.float16)))  # fp16 scales, as stored
+        else:
+            r = q.dequantize(q.quantize(h, check_finite=False))
         if scale is not None:
             r = r * scale.reshape(1, -1, 1, h.shape[-1])
         return torch.cat([r.to(x.dtype), x[:, :, hist:]], dim=2)
@@ -174,25 +205,62 @@ def _estimate(kl: dict[int, list[float]], bits: int, d: int) -> list[float]:
     two nearest measured widths (the distortion ratio from the nearest one outside them)."""
     if bits in kl:
         return list(kl[bits])
-    measured = sorted(kl)
-    lo = max((b for b in measured if b < bits), default=None)
-    hi = min((b for b in measured if b > bits), default=None)
-    if lo is None or hi is None:
-        ref = hi if lo is None else lo
-        ratio = distortion(d, bits) / distortion(d, ref)
-        return [x * ratio for x in kl[ref]]
-    t = math.log(distortion(d, bits) / distortion(d, lo)) / math.log(distortion(d, hi) / distortion(d, lo))
-    return [math.exp((1 - t) * math.log(max(a, 1e-12)) + t * math.log(max(c, 1e-12))) for a, c in zip(kl[lo], kl[hi])]
+    return _estimate_at(kl, [distortion(d, bits)] * len(next(iter(kl.values()))), d)
+
+
+def _estimate_at(kl: dict[int, list[float]], target: Sequence[float], d: int) -> list[float]:
+    """Per layer ``i``, the KL at relative distortion ``target[i]`` (see :func:`_estimate`)."""
+    measured = sorted(kl)  # more bits: less distortion
+    dist = {b: distortion(d, b) for b in measured}
+    out = []
+    for i, D in enumerate(target):
+        lo = max((b for b in measured if dist[b] >= D), default=None)  # the noisier side
+        hi = min((b for b in measured if dist[b] < D), default=None)
+        if lo is None or hi is None:
+            ref = hi if lo is None else lo
+            out.append(kl[ref][i] * D / dist[ref])
+            continue
+        t = math.log(D / dist[lo]) / math.log(dist[hi] / dist[lo])
+        out.append(math.exp((1 - t) * math.log(max(kl[lo][i], 1e-12)) + t * math.log(max(kl[hi][i], 1e-12))))
+    return out
+
+
+def _top_channels(x: torch.Tensor, n: int, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """The ``n`` channels of largest RMS per head of ``x [B, H, T, d]`` (divided by ``scale``
+    first: smoothed keys) as ``[H, n]``, and the share of the energy they hold (mean over heads)."""
+    x = x.float()
+    if scale is not None:
+        x = x / scale.reshape(1, -1, 1, x.shape[-1])
+    ms = x.pow(2).mean(dim=(0, 2))  # [H, d]
+    top = torch.topk(ms, n, dim=-1).indices.sort(dim=-1).values
+    share = (ms.gather(-1, top).sum(-1) / ms.sum(-1).clamp_min(1e-30)).mean()
+    return top, float(share)
+
+
+def _split_distortion(d: int, n: int, bits: int, share: float) -> float:
+    """Relative squared error of a split at ``bits`` (outliers at ``bits + 1``) for vectors whose
+    outlier channels hold ``share`` of the energy (each part is quantized with its own norm)."""
+    return share * distortion(n, bits + 1) + (1 - share) * distortion(d - n, bits)
 
 
 # -- allocation ------------------------------------------------------------------------------------
-def _options(meas: _Measurements, layer: int, cfg: CalibrationConfig, d: int) -> list[tuple[float, float, int, int]]:
-    """(cost in bits per value, predicted KL, key bits, value bits) of every choice for a layer."""
-    side = lambda b: b + 16.0 / d  # noqa: E731 - codes + one fp16 scale per vector
-    opts = [((side(kb) + side(vb)) / 2, meas.key_kl[kb][layer] + meas.value_kl[vb][layer], kb, vb)
-            for kb in cfg.candidate_bits for vb in cfg.candidate_bits]
+def _side_options(kl: dict[int, list[float]], split_kl: dict[int, list[float]], layer: int, d: int, n: int
+                  ) -> list[tuple[float, float, tuple[int, int]]]:
+    """(bits per value, predicted KL, (bits, outlier bits or 0)) of every choice for one side."""
+    opts = [(b + 16.0 / d, kl[b][layer], (b, 0)) for b in kl]  # codes + one fp16 scale per vector
+    opts += [(b + n / d + 32.0 / d, split_kl[b][layer], (b, b + 1)) for b in split_kl]  # two scales
+    return opts
+
+
+def _options(meas: _Measurements, layer: int, cfg: CalibrationConfig, d: int) -> list[tuple]:
+    """(cost in bits per value, predicted KL, key spec, value spec) of every choice for a layer;
+    a spec is ``(bits, outlier bits)`` (0: no split)."""
+    n = _outlier_count(cfg, d)
+    keys = _side_options({b: meas.key_kl[b] for b in cfg.candidate_bits}, meas.key_split_kl, layer, d, n)
+    values = _side_options({b: meas.value_kl[b] for b in cfg.candidate_bits}, meas.value_split_kl, layer, d, n)
+    opts = [((kc + vc) / 2, kk + vk, ks, vs) for kc, kk, ks in keys for vc, vk, vs in values]
     if cfg.allow_bf16_layers:
-        opts.append((16.0, 0.0, BF16_BITS, BF16_BITS))
+        opts.append((16.0, 0.0, (BF16_BITS, 0), (BF16_BITS, 0)))
     return opts
 
 
@@ -252,6 +320,10 @@ class Sensitivity:
     value_norms: list[float]
     smoothing_scales: list[torch.Tensor]
     measurements: _Measurements
+    key_channels: list[torch.Tensor]  # per layer [H, n]: outlier channels of a split (n = 0: none)
+    value_channels: list[torch.Tensor]
+    key_outlier_share: list[float]  # energy share of those channels
+    value_outlier_share: list[float]
     source_model: str
     _bench: _Bench = field(repr=False)
 
@@ -259,21 +331,42 @@ class Sensitivity:
         return TurboQuantizer(self.shape["head_dim"], bits, seed=self.config.seed + layer,
                               rotation=self.config.rotation, scale_dtype=torch.float16)
 
-    def joint_kl(self, key_bits: Sequence[int], value_bits: Sequence[int], channel_scale: torch.Tensor | None) -> float:
-        """KL on the calibration chunk with every layer quantized as given (all at once)."""
+    def _side(self, layer: int, spec: "int | tuple[int, int]", side: str) -> "TurboQuantizer | HeadSplit":
+        bits, outlier_bits = (spec, 0) if isinstance(spec, int) else spec
+        if not outlier_bits:
+            return self._quantizer(layer, bits)
+        channels = (self.key_channels if side == "key" else self.value_channels)[layer]
+        return HeadSplit(self.shape["head_dim"], channels, outlier_bits, bits, seed=self.config.seed + layer,
+                         rotation=self.config.rotation)
+
+    def joint_kl(self, key_bits: Sequence, value_bits: Sequence, channel_scale: torch.Tensor | None) -> float:
+        """KL on the calibration chunk with every layer quantized as given (all at once); an entry
+        is a width or ``(bits, outlier bits)`` (an outlier-channel split when outlier bits > 0)."""
         bench = self._bench
         keys, values = list(bench.keys), list(bench.values)
         with torch.no_grad():
             for i, (kb, vb) in enumerate(zip(key_bits, value_bits)):
-                if kb != BF16_BITS:
+                if (kb if isinstance(kb, int) else kb[0]) != BF16_BITS:
                     scale = None if channel_scale is None else channel_scale[i]
-                    keys[i] = bench.quantized_history(bench.keys[i], self._quantizer(i, kb), scale)
-                    values[i] = bench.quantized_history(bench.values[i], self._quantizer(i, vb), None)
+                    keys[i] = bench.quantized_history(bench.keys[i], self._side(i, kb, "key"), scale)
+                    values[i] = bench.quantized_history(bench.values[i], self._side(i, vb, "value"), None)
             return bench.kl(keys, values)
 
-    def recipe(self, target_bits: float) -> Recipe:
+    def _scale(self, alloc) -> tuple[list[int], torch.Tensor]:
+        L, H, d = self.shape["num_hidden_layers"], self.shape["num_key_value_heads"], self.shape["head_dim"]
+        smoothed = [i for i in range(L) if self.measurements.smoothing[i] and alloc[i][0][0] != BF16_BITS]
+        return smoothed, torch.stack([self.smoothing_scales[i] if i in smoothed else torch.ones(H, d)
+                                      for i in range(L)]).float()
+
+    def recipe(self, target_bits: float, splits: bool | None = None) -> Recipe:
         """The allocation with the lowest predicted KL at ``target_bits`` average bits per value
         (codes and fp16 scales counted), its joint KL measured next to a uniform recipe's.
+
+        Args:
+            target_bits: the budget.
+            splits: ``None`` (default): allocate with and without outlier-channel splits, measure
+                both joint KLs on the calibration chunk and keep the lower (both recorded in the
+                provenance); ``True`` / ``False``: only that way.
 
         Raises:
             ValueError: no allocation meets ``target_bits``.
@@ -281,13 +374,32 @@ class Sensitivity:
         cfg = CalibrationConfig(**{**asdict(self.config), "target_bits": float(target_bits)})
         L, H, d = self.shape["num_hidden_layers"], self.shape["num_key_value_heads"], self.shape["head_dim"]
         meas = self.measurements
-        alloc = _allocate(meas, L, cfg, d)
-        key_bits = [a[0] for a in alloc]
-        value_bits = [a[1] for a in alloc]
-        smoothed = [i for i in range(L) if meas.smoothing[i] and key_bits[i] != BF16_BITS]
-        channel_scale = torch.stack([self.smoothing_scales[i] if i in smoothed else torch.ones(H, d)
-                                     for i in range(L)]).float()
-        kl = self.joint_kl(key_bits, value_bits, channel_scale)
+        plain = dataclasses.replace(meas, key_split_kl={}, value_split_kl={})
+        has_splits = bool(meas.key_split_kl or meas.value_split_kl)
+        candidates = {}
+        if splits is not False and has_splits:
+            candidates["with splits"] = _allocate(meas, L, cfg, d)
+        if splits is not True or not has_splits:
+            candidates["without splits"] = _allocate(plain, L, cfg, d)
+        measured_kl = {}
+        for label, alloc in candidates.items():
+            if label == "without splits" and alloc == candidates.get("with splits"):
+                measured_kl[label] = measured_kl["with splits"]
+                continue
+            measured_kl[label] = self.joint_kl([a[0] for a in alloc], [a[1] for a in alloc], self._scale(alloc)[1])
+        choice = min(measured_kl, key=lambda k: (measured_kl[k], k != "without splits"))
+        alloc, kl = candidates[choice], measured_kl[choice]
+        key_bits = [a[0][0] for a in alloc]
+        value_bits = [a[1][0] for a in alloc]
+        key_outlier_bits = [a[0][1] for a in alloc]
+        value_outlier_bits = [a[1][1] for a in alloc]
+        smoothed, channel_scale = self._scale(alloc)
+        splits = {}
+        for side, ob, channels in (("key", key_outlier_bits, self.key_channels),
+                                   ("value", value_outlier_bits, self.value_channels)):
+            if any(ob):
+                splits[f"{side}_outlier_channels"] = torch.stack(channels).to(torch.int16)
+                splits[f"{side}_outlier_bits"] = ob
         affordable = [b for b in cfg.candidate_bits if b + 16.0 / d <= cfg.target_bits + 1e-9]
         uniform_bits = max(affordable) if affordable else min(cfg.candidate_bits)
         kl_uniform = self.joint_kl([uniform_bits] * L, [uniform_bits] * L, None)
@@ -295,7 +407,7 @@ class Sensitivity:
             model_type=self.shape["model_type"], num_hidden_layers=L, num_key_value_heads=H, head_dim=d,
             key_bits=key_bits, value_bits=value_bits, rotation_seed=[cfg.seed + i for i in range(L)],
             window=cfg.window, rotation=cfg.rotation, key_channel_scale=channel_scale if smoothed else None,
-            source_model=self.source_model,
+            source_model=self.source_model, **splits,
             provenance={
                 "kind": "calibrated",
                 "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
@@ -305,6 +417,16 @@ class Sensitivity:
                 "median_key_norm": [round(x, 4) for x in self.key_norms],
                 "median_value_norm": [round(x, 4) for x in self.value_norms],
                 "key_smoothing_layers": smoothed,
+                "outlier_split": {
+                    "channels": _outlier_count(cfg, d),
+                    "key_layers": [i for i in range(L) if key_outlier_bits[i]],
+                    "value_layers": [i for i in range(L) if value_outlier_bits[i]],
+                    "key_energy_share": [round(x, 4) for x in self.key_outlier_share],
+                    "value_energy_share": [round(x, 4) for x in self.value_outlier_share],
+                    "kl": "estimated from the measured widths by the split's relative distortion",
+                    "calibration_chunk_kl": {k: round(v, 6) for k, v in measured_kl.items()},
+                    "chosen": choice,
+                },
                 "sensitivity_kl": {
                     "key": {str(b): [round(x, 7) for x in meas.key_kl[b]] for b in cfg.measured_bits},
                     "value": {str(b): [round(x, 7) for x in meas.value_kl[b]] for b in cfg.measured_bits},
@@ -367,6 +489,7 @@ def measure_sensitivity(
                      "characters": sum(len(t) for t in used)},
         outlier_layers=outliers, key_norms=[float(x) for x in knorm], value_norms=[float(x) for x in vnorm],
         smoothing_scales=scales, measurements=_Measurements(smoothing=[False] * L),
+        key_channels=[], value_channels=[], key_outlier_share=[], value_outlier_share=[],
         source_model=source_model or str(getattr(model.config, "name_or_path", "") or ""), _bench=bench,
     )
 
@@ -401,6 +524,25 @@ def measure_sensitivity(
     for b in sorted(set(cfg.candidate_bits) - set(cfg.measured_bits)):
         meas.key_kl[b] = _estimate(meas.key_kl, b, d)
         meas.value_kl[b] = _estimate(meas.value_kl, b, d)
+    # 3. outlier channels (per head, largest RMS; keys as stored: smoothed where smoothing won)
+    n = _outlier_count(cfg, d)
+    if n:
+        for i in range(L):
+            kc, ks = _top_channels(bench.keys[i], n, scales[i] if meas.smoothing[i] else None)
+            vc, vs = _top_channels(bench.values[i], n)
+            sens.key_channels.append(kc)
+            sens.value_channels.append(vc)
+            sens.key_outlier_share.append(ks)
+            sens.value_outlier_share.append(vs)
+        measured = {b: meas.key_kl[b] for b in cfg.measured_bits}
+        measured_v = {b: meas.value_kl[b] for b in cfg.measured_bits}
+        for b in cfg.candidate_bits:
+            if b + 1 > 8:
+                continue
+            meas.key_split_kl[b] = _estimate_at(
+                measured, [_split_distortion(d, n, b, x) for x in sens.key_outlier_share], d)
+            meas.value_split_kl[b] = _estimate_at(
+                measured_v, [_split_distortion(d, n, b, x) for x in sens.value_outlier_share], d)
     model.train(was_training)
     return sens
 

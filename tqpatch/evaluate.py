@@ -635,10 +635,16 @@ def format_markdown(result: EvalResult) -> str:
     """The results as a Markdown table (one row per method) plus the passkey grid."""
     cfg = result.config
     lines = [f"## {result.model}: K/V cache quality", ""]
+    modes = []
+    if cfg.get("decode", True):
+        modes.append(f"Decode mode: {cfg['segments']} segments x ({cfg['prompt_len']}-token exact prompt + "
+                     f"{math.ceil(cfg['scored_tokens'] / cfg['segments'])} teacher-forced tokens, one per step).")
+    if cfg.get("chunk"):
+        modes.append(f"Chunk mode: the same tokens fed {cfg['chunk']} per step.")
+    if not modes:
+        modes.append("Passkey only (decode and chunk modes not run in this file).")
     lines.append(
-        f"Decode mode: {cfg['segments']} segments x ({cfg['prompt_len']}-token exact prompt + "
-        f"{math.ceil(cfg['scored_tokens'] / cfg['segments'])} teacher-forced tokens, one per step). "
-        f"Chunk mode: the same tokens fed {cfg['chunk']} per step. KL = mean KL(unquantized || method) of the "
+        " ".join(modes) + " KL = mean KL(unquantized || method) of the "
         "next-token distributions; top-1 = agreement with the unquantized argmax. Bits = average bits per "
         "stored K/V value counting every stored byte (codes, scales, zero points, full-precision windows and "
         "residual buffers), measured after the longest passkey prompt, with the full-precision parts (windows, residual "
