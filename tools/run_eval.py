@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="small settings (256 scored tokens, 4 segments, passkey 512/1024) to check the set-up")
     p.add_argument("--passkey-only", action="store_true",
                    help="skip decode and chunk modes; writes <model>-passkey.{json,md}")
+    p.add_argument("--stem", default="", help="output file stem (default: the model name, + -passkey / -quick)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="torch device (e.g. cuda); the model runs in float32")
     args = p.parse_args(argv)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     result = E.evaluate(model, tok, Path(args.text).read_text(encoding="utf-8"), methods, config, model_name=name)
     result.info.update(info, text=str(args.text), total_wall_seconds=time.perf_counter() - t0,
                        method_seconds={r.method["name"]: round(r.seconds, 1) for r in result.methods})
-    stem = name + ("-quick" if args.quick else "") + ("-passkey" if args.passkey_only else "")
+    stem = args.stem or (name + ("-quick" if args.quick else "") + ("-passkey" if args.passkey_only else ""))
     for path in E.write_results(result, args.out, stem):
         print(f"wrote {path}")
     print(E.format_markdown(result))
