@@ -132,3 +132,33 @@ def test_calibrated_beats_uniform_on_held_out_text(smollm2):
             tqpatch.unapply(model)
     kl_cal, kl_uni = kls
     assert kl_cal < kl_uni, (kl_cal, kl_uni)
+
+
+def test_split_recipe_from_calibration_applies_and_beats_uniform_3bit(smollm2):
+    """A fractional budget with split options: the recipe stores outlier channels (the largest-RMS
+    channels per head), meets the budget counting both scales, and applied through the real
+    patched path beats uniform 3-bit K/V (which costs less) on held-out text."""
+    from tqpatch.calibrate import measure_sensitivity
+
+    model, tok = smollm2
+    sens = measure_sensitivity(model, tok, config=CalibrationConfig(segments=2), progress=False)
+    recipe = sens.recipe(3.4, splits=True)
+    assert recipe.average_bits() <= 3.4 + 1e-9
+    split_layers = recipe.provenance["outlier_split"]["key_layers"] + recipe.provenance["outlier_split"]["value_layers"]
+    assert split_layers, "expected some split layers at a fractional budget"
+    ch = recipe.key_outlier_channels if recipe.key_outlier_channels is not None else recipe.value_outlier_channels
+    assert ch.shape[-1] == 16  # 25% of head_dim 64
+    text = TEXT.read_text()[300_000:360_000]
+    all_ids = tok(text, return_tensors="pt").input_ids[0]
+    prompt, chunk = 384, 64
+    ids = torch.stack([all_ids[i * 600 : i * 600 + prompt + chunk] for i in range(4)])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids).logits[:, prompt:].float(), -1)
+    kls = []
+    for settings in ({"recipe": recipe}, {"key_bits": 3, "value_bits": 3, "window": int(recipe.window[0])}):
+        tqpatch.apply(model, **settings)
+        try:
+            kls.append(_chunk_kl(model, ids, prompt, ref))
+        finally:
+            tqpatch.unapply(model)
+    assert kls[0] < kls[1], kls
