@@ -108,6 +108,25 @@ def _chunk_kl(model, ids: torch.Tensor, prompt: int, ref: torch.Tensor) -> float
     return float((ref.exp() * (ref - lq)).sum(-1).mean())
 
 
+def _held_out_kls(model, tok, settings: list[dict]) -> list[float]:
+    """Chunk KL of each ``apply`` setting on held-out Shakespeare (never seen by calibration):
+    4 segments of a 384-token exact prompt then 64 tokens over the compressed history."""
+    text = TEXT.read_text()[300_000:360_000]
+    all_ids = tok(text, return_tensors="pt").input_ids[0]
+    prompt, chunk = 384, 64
+    ids = torch.stack([all_ids[i * 600 : i * 600 + prompt + chunk] for i in range(4)])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids).logits[:, prompt:].float(), -1)
+    kls = []
+    for s in settings:
+        tqpatch.apply(model, **s)
+        try:
+            kls.append(_chunk_kl(model, ids, prompt, ref))
+        finally:
+            tqpatch.unapply(model)
+    return kls
+
+
 def test_calibrated_beats_uniform_on_held_out_text(smollm2):
     model, tok = smollm2
     d = model.config.head_dim
@@ -117,20 +136,8 @@ def test_calibrated_beats_uniform_on_held_out_text(smollm2):
     assert recipe.average_bits() <= budget + 1e-9
     assert recipe.quality["calibration_chunk_kl"] < recipe.quality["uniform_4bit_calibration_chunk_kl"]
 
-    text = TEXT.read_text()[300_000:360_000]  # Shakespeare: never seen by calibration
-    all_ids = tok(text, return_tensors="pt").input_ids[0]
-    prompt, chunk = 384, 64
-    ids = torch.stack([all_ids[i * 600 : i * 600 + prompt + chunk] for i in range(4)])
-    with torch.no_grad():
-        ref = torch.log_softmax(model(ids).logits[:, prompt:].float(), -1)
-    kls = []
-    for settings in ({"recipe": recipe}, {"key_bits": 4, "value_bits": 4, "window": int(recipe.window[0])}):
-        tqpatch.apply(model, **settings)
-        try:
-            kls.append(_chunk_kl(model, ids, prompt, ref))
-        finally:
-            tqpatch.unapply(model)
-    kl_cal, kl_uni = kls
+    kl_cal, kl_uni = _held_out_kls(model, tok, [{"recipe": recipe},
+                                                {"key_bits": 4, "value_bits": 4, "window": int(recipe.window[0])}])
     assert kl_cal < kl_uni, (kl_cal, kl_uni)
 
 
@@ -148,17 +155,6 @@ def test_split_recipe_from_calibration_applies_and_beats_uniform_3bit(smollm2):
     assert split_layers, "expected some split layers at a fractional budget"
     ch = recipe.key_outlier_channels if recipe.key_outlier_channels is not None else recipe.value_outlier_channels
     assert ch.shape[-1] == 16  # 25% of head_dim 64
-    text = TEXT.read_text()[300_000:360_000]
-    all_ids = tok(text, return_tensors="pt").input_ids[0]
-    prompt, chunk = 384, 64
-    ids = torch.stack([all_ids[i * 600 : i * 600 + prompt + chunk] for i in range(4)])
-    with torch.no_grad():
-        ref = torch.log_softmax(model(ids).logits[:, prompt:].float(), -1)
-    kls = []
-    for settings in ({"recipe": recipe}, {"key_bits": 3, "value_bits": 3, "window": int(recipe.window[0])}):
-        tqpatch.apply(model, **settings)
-        try:
-            kls.append(_chunk_kl(model, ids, prompt, ref))
-        finally:
-            tqpatch.unapply(model)
+    kls = _held_out_kls(model, tok, [{"recipe": recipe},
+                                     {"key_bits": 3, "value_bits": 3, "window": int(recipe.window[0])}])
     assert kls[0] < kls[1], kls
