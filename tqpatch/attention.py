@@ -98,13 +98,12 @@ def fused_attention(
     B, Hq, Q, d = q.shape
     G = Hq // k.shape[1]
     flash = not q.is_cuda or (q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0)
-    if G > 1 and not (flash and _NATIVE_GQA[q.device.type]):  # query heads h*G .. h*G+G-1 share KV head h
+    cudnn = q.is_cuda and flash and _cudnn_mode(q) is not None
+    native = _CUDNN["mode"] == "native" if cudnn else flash and _NATIVE_GQA[q.device.type]
+    if G > 1 and not native:  # query heads h*G .. h*G+G-1 share KV head h
         k = k.repeat_interleave(G, dim=1)
         v = v.repeat_interleave(G, dim=1)
-    if q.is_cuda and flash and _cudnn_mode(q) is not None:
-        if G > 1 and _CUDNN["mode"] == "expand" and k.shape[1] != Hq:
-            k = k.repeat_interleave(G, dim=1)
-            v = v.repeat_interleave(G, dim=1)
+    if cudnn:
         out, lse = _cudnn_attention(q, k, v, scaling, causal)
         return out.to(torch.float32), lse.to(torch.float32)
     try:

@@ -146,11 +146,6 @@ class HeadSplit:
         dequantize_rotated(codes[..., nb:], scales[..., 1], t["c2"], self.bits, dtype, out=out[..., self.n :])
         return out
 
-    def select_heads(self, heads: slice) -> "HeadSplit":
-        """The split of a subset of the heads (tensor-parallel ranks hold a slice)."""
-        return HeadSplit(self.head_dim, self.channels[heads], self.outlier_bits, self.bits,
-                         seed=self.outlier.seed, rotation="haar")
-
     def __repr__(self) -> str:
         return (f"HeadSplit(head_dim={self.head_dim}, heads={self.num_heads}, outliers={self.n}@"
                 f"{self.outlier_bits}b, rest={self.head_dim - self.n}@{self.bits}b)")
