@@ -125,7 +125,9 @@ def run_from_args(args: argparse.Namespace) -> tuple[int, list[Path]]:
 
 
 def run_info(command: str) -> dict:
-    """Provenance of a run: command, git commit, device, versions."""
+    """Provenance of a run: command, git commit (``$TQPATCH_COMMIT`` where the copy's git is stale),
+    device, versions."""
+    import os
     import platform
     import subprocess
 
@@ -139,6 +141,7 @@ def run_info(command: str) -> dict:
                                     text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
+    commit = os.environ.get("TQPATCH_COMMIT") or commit
     device = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
