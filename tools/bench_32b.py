@@ -174,6 +174,35 @@ def run_layout(model, batches: list[int], context: int, steps: int, log) -> list
     return rows
 
 
+def profile_decode(model, batch: int, context: int, path: Path) -> None:
+    """torch.profiler tables (by self CPU time, by GPU time) of 3 eager tqpatch K4/V4 decode steps."""
+    import tqpatch
+    from torch.profiler import ProfilerActivity, profile
+
+    tqpatch.apply(model, key_bits=4, value_bits=4)
+    try:
+        dev0 = model.get_input_embeddings().weight.device
+        ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(2))
+        cache = tqpatch.TurboQuantCache(model, max_cache_len=context + 16, batch_size=batch)
+        with torch.no_grad():
+            for lo in range(0, context, CHUNK):
+                out = model(ids[:, lo:lo + CHUNK].to(dev0), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[:, -1:].argmax(-1).to(dev0)
+            for _ in range(2):
+                nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1).to(dev0)
+            _sync()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1).to(dev0)
+                _sync()
+        ka = prof.key_averages()
+        path.write_text(f"3 eager tqpatch K4/V4 decode steps, B={batch}, context {context}\n\n"
+                        + ka.table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n"
+                        + ka.table(sort_by="self_device_time_total", row_limit=25) + "\n")
+    finally:
+        tqpatch.unapply(model)
+
+
 def _weights_gib() -> dict:
     return {d: torch.cuda.memory_allocated(d) / 2**30 for d in _devices()}
 
@@ -232,6 +261,8 @@ def device_map_layout(args: argparse.Namespace) -> dict:
     weights = {f"cuda:{d}": v for d, v in _weights_gib().items()}
     rows = run_layout(model, args.batch_list, args.context, args.steps,
                       lambda r: print(json.dumps({k: v for k, v in r.items() if k != "ms_all"}), flush=True))
+    if args.profile:
+        profile_decode(model, 1, args.context, Path(args.out, "profile_device_map.txt"))
     for r in rows:
         for key in ("prefill_peak_gib", "decode_peak_gib"):
             if key in r:
@@ -290,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=32768, help="prompt tokens (default 32768)")
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed (default 16)")
     ap.add_argument("--layers", type=int, default=64, help="decoder layers (default 64; fewer for a quick check)")
+    ap.add_argument("--profile", action="store_true",
+                    help="device_map layout: also write profile_device_map.txt (3 eager tqpatch steps, B=1)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed for the torchrun part")
     ap.add_argument("--tp-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)

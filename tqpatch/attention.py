@@ -280,7 +280,7 @@ def _history_part(layer: TurboQuantLayer, q: torch.Tensor, q_pos: torch.Tensor) 
         if q.is_cuda and Q == 1 and not p.split:
             from .kernels import triton_decode
 
-            if triton_decode.available():
+            if triton_decode.available() and triton_decode.serves(p.key_bits, p.value_bits, p.head_dim):
                 out, lse = triton_decode.decode_attention(
                     q_rot[:, :, 0], layer.k_codes, layer.k_scales, layer.v_codes, layer.v_scales,
                     layer.k_centroids, layer.v_centroids, n_hist.to(torch.int32).reshape(1),

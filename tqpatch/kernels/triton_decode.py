@@ -78,6 +78,12 @@ def available() -> bool:
     return _HAS_TRITON and torch.cuda.is_available()
 
 
+def serves(key_bits: int, value_bits: int, head_dim: int) -> bool:
+    """Whether the kernel takes these widths (2-4 bits) and this head_dim (64/128/256); other
+    layers (8-bit, other head sizes) run the torch/Inductor path."""
+    return key_bits in _SUPPORTED_BITS and value_bits in _SUPPORTED_BITS and head_dim in _SUPPORTED_DIMS
+
+
 # Read once at import: the wrapper must not touch os.environ while torch.compile traces it.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _ENV_LUT = os.environ.get("TQPATCH_TRITON_LUT", "")
