@@ -259,10 +259,10 @@ def device_map_layout(args: argparse.Namespace) -> dict:
     model = device_map_model(args.layers)
     build_s = time.perf_counter() - t0
     weights = {f"cuda:{d}": v for d, v in _weights_gib().items()}
-    rows = run_layout(model, args.batch_list, args.context, args.steps,
-                      lambda r: print(json.dumps({k: v for k, v in r.items() if k != "ms_all"}), flush=True))
     if args.profile:
         profile_decode(model, 1, args.context, Path(args.out, "profile_device_map.txt"))
+    rows = run_layout(model, args.batch_list, args.context, args.steps,
+                      lambda r: print(json.dumps({k: v for k, v in r.items() if k != "ms_all"}), flush=True))
     for r in rows:
         for key in ("prefill_peak_gib", "decode_peak_gib"):
             if key in r:

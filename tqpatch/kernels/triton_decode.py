@@ -724,9 +724,15 @@ def decode_attention(
         _launch(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n, start, out, lse,
                 key_bits, value_bits, scaling, softcap, ring, cfg, lut)
         return out, lse
-    return torch.ops.tqpatch.decode_attention(
+    args = (
         q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n, start,
         int(key_bits), int(value_bits), float(scaling), float(softcap or 0.0), bool(ring),
         int(cfg["BLOCK_N"]), int(cfg["num_warps"]), int(cfg["splits"]), int(cfg["stages"]),
         bool(cfg.get("early_v", False)), int(cfg.get("maxnreg") or 0), str(lut),
     )
+    if compiling:  # Inductor's generated code sets the device itself
+        return torch.ops.tqpatch.decode_attention(*args)
+    # Eager: Triton launches on the *current* device. A layer on another GPU than the current one
+    # (accelerate's device_map) would otherwise run there and read its cache over peer access.
+    with torch.cuda.device(q_rot.device):
+        return torch.ops.tqpatch.decode_attention(*args)
