@@ -219,14 +219,67 @@ def test_compiled_decode_step_has_no_graph_break_or_recompile():
         counters.clear()
         compiled = torch.compile(step, fullgraph=True, dynamic=False)
         tok = torch.full((1, 1), int(ids[0, 8]))  # fresh strides, like the argmax outputs that follow
-        eager_cache_len = []
+        eager_cache_len, fed = [], []
         for i in range(5):
+            fed.append(tok)
             logits = compiled(tok, torch.tensor([[8 + i]]))
             tok = logits.argmax(-1)
             eager_cache_len.append(int(cache.layers[0].n))
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert eager_cache_len == [9, 10, 11, 12, 13]
+
+    # Compiled steps advance only the device-side counters; the next eager forward must pick them up
+    # and give what an all-eager run of the same tokens gives.
+    with torch.no_grad():
+        after = model(tok, past_key_values=cache, use_cache=True).logits
+        ref_cache = TurboQuantCache(model, max_cache_len=64, batch_size=1)
+        model(ids[:, :8], past_key_values=ref_cache, use_cache=True)
+        for t in fed:
+            model(t, past_key_values=ref_cache, use_cache=True)
+        ref = model(tok, past_key_values=ref_cache, use_cache=True).logits
+    assert [layer.host_n for layer in cache.layers] == [14] * len(cache.layers)
+    torch.testing.assert_close(after, ref, rtol=1e-4, atol=1e-4)
+    tqpatch.unapply(model)
+
+
+def test_eager_decode_step_reads_no_counter_per_layer():
+    """An eager decode step reads the device-side token counts once per forward (one transfer per
+    device), never once per layer: on a GPU each such read waits for every queued kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model("llama", head_dim=64)
+    tqpatch.apply(model, key_bits=4, value_bits=4, window=4)
+    ids = torch.randint(1, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        nxt = torch.tensor([[5]])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(nxt, past_key_values=cache, use_cache=True)
+    reads = [e.name for e in prof.events() if e.name in ("aten::item", "aten::_local_scalar_dense")]
+    assert reads == [], f"{len(reads)} scalar reads in one decode step of {len(cache.layers)} layers"
+    assert [layer.host_n for layer in cache.layers] == [13] * len(cache.layers)
+    tqpatch.unapply(model)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_single_token_self_part_equals_dense_attention(softcap):
+    from types import SimpleNamespace
+
+    from tqpatch.attention import _self_part, dense_attention
+
+    g = torch.Generator().manual_seed(int(softcap))
+    B, Hq, Hkv, d = 3, 8, 2, 32
+    q, k, v = (torch.randn(B, h, 1, d, generator=g, dtype=torch.float64).float() for h in (Hq, Hkv, Hkv))
+    start = torch.tensor([0, 7, 9])  # row 2 is still padding at position 8
+    layer = SimpleNamespace(plan=SimpleNamespace(scaling=d ** -0.5, softcap=softcap), start=start)
+    q_pos = torch.tensor([8])
+    out, lse = _self_part(layer, q, k, v, q_pos)
+    ref_out, ref_lse = dense_attention(q, k, v, q_pos, torch.ones(1, dtype=torch.bool), q_pos, start,
+                                       scaling=d ** -0.5, softcap=softcap, window=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
+    assert torch.isinf(lse[2]).all() and not out[2].any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

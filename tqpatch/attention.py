@@ -226,7 +226,7 @@ def _fused_chunk_attention(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Ten
     p = layer.plan
     dtype = q.dtype
     self_part = fused_attention(q, k.to(dtype), v.to(dtype), scaling=p.scaling, causal=True)
-    n = int(layer.n)
+    n = layer.stored()
     n_hist = max(n - p.window, 0)
     filled = min(n, p.window)
     if n_hist + filled == 0:
@@ -290,7 +290,7 @@ def _history_part(layer: TurboQuantLayer, q: torch.Tensor, q_pos: torch.Tensor) 
                 return matmul_rows(out, layer.rotation_v).unsqueeze(2), lse.unsqueeze(2)
     slots = layer.capacity
     if _eager():  # follow the length, not the allocation
-        slots = min(int(n_hist), layer.capacity)
+        slots = min(max(layer.stored() - p.window, 0), layer.capacity)
         if slots == 0:
             return None
     parts = []
@@ -348,7 +348,13 @@ def _store(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tensor) -> None:
     p = layer.plan
     Q, R = k.shape[2], p.window
     P = layer.n
-    if layer.capacity > 0:
+    if Q == 1 and R and layer.capacity > 0:  # a decode step: the window's oldest token leaves
+        slot = torch.remainder(P, R).reshape(1)
+        _encode_into_history(layer, layer.win_k.index_select(2, slot), layer.win_v.index_select(2, slot),
+                             (P - R).reshape(1))
+        layer.win_k.index_copy_(2, slot, k.to(layer.win_k.dtype))
+        layer.win_v.index_copy_(2, slot, v.to(layer.win_v.dtype))
+    elif layer.capacity > 0:
         # Tokens at positions P-R .. P+Q-R-1 leave (or skip) the window now. Negative positions
         # (nothing to encode yet) land on slots that are masked until real tokens overwrite them.
         count = min(Q, layer.capacity) if layer.ring else Q
@@ -363,17 +369,37 @@ def _store(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tensor) -> None:
         else:
             ek, ev = k[:, :, first:], v[:, :, first:]
         _encode_into_history(layer, ek, ev, enc_pos)
-    if R:
+    if R and not (Q == 1 and layer.capacity > 0):
         keep = min(Q, R)
         slots = torch.remainder(P + torch.arange(Q - keep, Q, device=k.device), R)
         layer.win_k.index_copy_(2, slots, k[:, :, Q - keep :].to(layer.win_k.dtype))
         layer.win_v.index_copy_(2, slots, v[:, :, Q - keep :].to(layer.win_v.dtype))
     layer.n.add_(Q)
+    if _eager() and layer.host_n is not None:
+        layer.host_n += Q
+
+
+def _self_part(layer, q, k, v, q_pos) -> tuple[torch.Tensor, torch.Tensor]:
+    """A single query token over its own key: the score is its (capped) dot product and the output
+    its own value (a decode step's third part, without the masked softmax of ``dense_attention``)."""
+    p = layer.plan
+    B, Hq, _, d = q.shape
+    Hkv = k.shape[1]
+    qf = q.to(torch.float32).reshape(B, Hkv, Hq // Hkv, d)
+    score = (qf * k.to(torch.float32)).sum(-1) * p.scaling  # [B, Hkv, G]
+    if p.softcap:
+        score = p.softcap * torch.tanh(score / p.softcap)
+    visible = (q_pos.reshape(1, 1, 1) >= layer.start.reshape(B, 1, 1))  # a padded row's own token
+    lse = score.masked_fill(~visible, float("-inf")).reshape(B, Hq, 1)
+    out = (v.to(torch.float32) * visible.unsqueeze(-1)).expand(B, Hkv, Hq // Hkv, d)
+    return out.reshape(B, Hq, 1, d), lse
 
 
 def _chunk_part(layer, q, k, v, q_pos) -> tuple[torch.Tensor, torch.Tensor]:
     p = layer.plan
     Q = q.shape[2]
+    if Q == 1:
+        return _self_part(layer, q, k, v, q_pos)
     filled = torch.ones(Q, dtype=torch.bool, device=q.device)
     parts = []
     step = _QUERY_TILE if _eager() else Q

@@ -105,6 +105,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.max_cache_len = max_cache_len
         self.is_sliding = bool(plan.sliding_window)
         self.n: torch.Tensor | None = None
+        self.host_n: int | None = None  # ``n`` as a Python int for eager code (see ``stored``)
 
     # -- allocation ----------------------------------------------------------------------------
     def allocate(self, batch_size: int, dtype: torch.dtype, device: torch.device | str, max_cache_len: int) -> None:
@@ -135,6 +136,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.win_k = torch.zeros(batch_size, p.num_kv_heads, R, p.head_dim, dtype=dtype, device=device)
         self.win_v = torch.zeros_like(self.win_k)
         self.n = torch.zeros((), dtype=torch.int64, device=device)
+        self.host_n = 0
         self.start = torch.zeros(batch_size, dtype=torch.int64, device=device)
         pending = getattr(self, "pending_start", None)
         if pending is not None and pending.shape[0] == batch_size:
@@ -160,6 +162,15 @@ class TurboQuantLayer(CacheLayerMixin):
         names = ["k_codes", "k_scales", "v_codes", "v_scales"] if self.plan.quantized else ["keys", "values"]
         return [getattr(self, k) for k in names] + [self.win_k, self.win_v, self.n, self.start]
 
+    def stored(self) -> int:
+        """Tokens written so far as a Python int, for eager code. The eager writer keeps it up to
+        date and :meth:`TurboQuantCache.sync_lengths` refreshes it once per forward (compiled steps
+        advance only the device counter ``n``), so an eager decode step does not wait for the GPU
+        once per layer to read ``n``."""
+        if self.host_n is None:
+            self.host_n = int(self.n)
+        return self.host_n
+
     def storage_nbytes(self) -> int:
         """Bytes of K/V storage: codes, scales, the full-precision window (or full-precision
         history); excludes the two bookkeeping tensors ``n`` and ``start``."""
@@ -171,7 +182,7 @@ class TurboQuantLayer(CacheLayerMixin):
         only: a compiled step must be given a cache allocated large enough up front)."""
         if torch.compiler.is_compiling() or self.ring:
             return
-        needed = int(self.n) + new_tokens - self.plan.window
+        needed = self.stored() + new_tokens - self.plan.window
         if needed <= self.capacity:
             return
         new_len = max(needed, 2 * self.capacity)
@@ -196,7 +207,9 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
         q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
-        return q + int(self.n if self.is_initialized else 0), 0
+        if not self.is_initialized:
+            return q, 0
+        return q + (int(self.n) if torch.compiler.is_compiling() else self.stored()), 0
 
     def get_max_length(self) -> int:
         return -1 if self.ring or self.max_cache_len is None else self.max_cache_len
@@ -208,6 +221,7 @@ class TurboQuantLayer(CacheLayerMixin):
         if self.is_initialized:
             for t in self.tensors():
                 t.zero_()
+            self.host_n = 0
 
     _HISTORY_TENSORS = ("k_codes", "k_scales", "v_codes", "v_scales", "keys", "values")
     _ROW_TENSORS = _HISTORY_TENSORS + ("win_k", "win_v", "start")
@@ -302,6 +316,17 @@ class TurboQuantCache(Cache):
                 layer.start.copy_(torch.where(layer.n == 0, start.to(layer.start.device), layer.start))
             else:
                 layer.pending_start = start
+
+    def sync_lengths(self) -> None:
+        """Read every layer's device-side token count into its host copy: one transfer per device
+        (called by the patched model at the start of each eager forward)."""
+        by_device: dict[torch.device, list[TurboQuantLayer]] = {}
+        for layer in self.layers:
+            if layer.is_initialized:
+                by_device.setdefault(layer.n.device, []).append(layer)
+        for layers in by_device.values():
+            for layer, n in zip(layers, torch.stack([layer.n for layer in layers]).tolist()):
+                layer.host_n = n
 
     @property
     def is_compileable(self) -> bool:

@@ -165,6 +165,8 @@ def _model_pre_hook(module, args, kwargs):
         cache = TurboQuantCache(module._tqpatch_root)
         kwargs[key] = cache
     cache.set_padding(kwargs.get("attention_mask"))
+    if not torch.compiler.is_compiling():
+        cache.sync_lengths()
     return args, kwargs
 
 
