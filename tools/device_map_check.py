@@ -1,20 +1,15 @@
-"""tqpatch on a model sharded over 2 GPUs with a device_map (accelerate), and an optional benchmark.
+"""tqpatch on a model sharded over 2 GPUs with a device_map (accelerate).
 
-    python tools/device_map_check.py --out results/device_map_h100x2            # check (~1 min)
-    python tools/device_map_check.py --out results/device_map_h100x2 --bench    # + 32B-shaped bench
+    python tools/device_map_check.py --out results/device_map_h100x2            # ~1 min
 
-Check: a random-weight llama (8 layers, saved to a temporary directory) loaded with a device_map
-that puts layers 0-3 on cuda:0 and 4-7 on cuda:1 (embeddings on 0, norm and head on 1). After
+A random-weight llama (8 layers, saved to a temporary directory) loaded with a device_map that
+puts layers 0-3 on cuda:0 and 4-7 on cuda:1 (embeddings on 0, norm and head on 1). After
 ``tqpatch.apply`` with a recipe holding per-head data, every layer's cache storage, rotation,
 codebook (centroids, thresholds) and key scale must be on that layer's device, both for a cache
 preallocated by ``TurboQuantCache(model, max_cache_len, batch_size)`` and for the one generate
-builds lazily; greedy tokens must equal the same model patched on cuda:0 alone.
-
-Bench (``--bench``): a Qwen2.5-32B-shaped model with random bf16 weights (64 layers, 40 q / 8 kv
-heads, d 128, hidden 5120, intermediate 27648, vocab 152064), built on the meta device and
-materialised straight onto the two GPUs (layers 0-31 / 32-63), B=1, a ``--context`` token prompt
-(default 32768): ms per decode step (median of ``--steps``) and peak memory per GPU, bf16
-DynamicCache vs tqpatch K4/V4. Writes ``device_map_check.json`` and ``device_map_check.md``.
+builds lazily; greedy tokens must equal the same model patched on cuda:0 alone. Writes
+``device_map_check.json`` and ``device_map_check.md``. The Qwen2.5-32B-shaped throughput and
+memory benchmark (device_map and tensor parallelism) is ``tools/bench_32b.py``.
 """
 
 from __future__ import annotations
@@ -22,10 +17,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -117,94 +110,6 @@ def check(tmp: Path) -> dict:
             "distinct_tokens": len(set(ref.flatten().tolist())), "passed": not errors}
 
 
-def _qwen32b_on_two_gpus():
-    import transformers as tf
-    from accelerate import dispatch_model
-
-    cfg = tf.Qwen2Config(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                         num_attention_heads=40, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-                         rope_theta=1_000_000.0, tie_word_embeddings=False, use_sliding_window=False)
-    cfg._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = tf.Qwen2ForCausalLM(cfg).to(torch.bfloat16)
-    dm = _split_map(64)
-    modules = dict(model.named_modules())
-    torch.manual_seed(0)
-    for name, dev in dm.items():
-        mod = modules[name]
-        mod.to_empty(device=f"cuda:{dev}")
-        for pname, p in mod.named_parameters():
-            with torch.no_grad():
-                if "norm" in pname:
-                    p.fill_(1.0)
-                elif p.ndim == 1:
-                    p.zero_()
-                else:
-                    p.normal_(0.0, 0.02)
-    rot = type(model.model.rotary_emb)(config=cfg, device="cuda:0")
-    model.model.rotary_emb = rot
-    model = dispatch_model(model, device_map=dm)
-    return model.eval()
-
-
-def _step_times(model, cache, context: int, steps: int, vocab: int) -> tuple[list[float], float, dict]:
-    ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(2)).to("cuda:0")
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        torch.cuda.synchronize()
-        prefill = time.perf_counter() - t0
-        nxt = out.logits[:, -1:].argmax(-1).to("cuda:0")
-        prefill_peak = {d: torch.cuda.max_memory_allocated(d) for d in (0, 1)}
-        for d in (0, 1):
-            torch.cuda.reset_peak_memory_stats(d)
-        times = []
-        for _ in range(steps):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1).to("cuda:0")
-            torch.cuda.synchronize()
-            times.append(1000 * (time.perf_counter() - t))
-    return times, prefill, prefill_peak
-
-
-def bench(context: int, steps: int) -> dict:
-    """bf16 DynamicCache vs tqpatch K4/V4 on the 32B-shaped model over two GPUs (see module docs)."""
-    from transformers import DynamicCache
-
-    import tqpatch
-
-    t0 = time.perf_counter()
-    model = _qwen32b_on_two_gpus()
-    build_s = time.perf_counter() - t0
-    weights = {d: torch.cuda.memory_allocated(d) for d in (0, 1)}
-    rows = []
-    for setting in ("bf16 DynamicCache", "tqpatch K4/V4"):
-        if setting.startswith("tqpatch"):
-            tqpatch.apply(model, key_bits=4, value_bits=4)
-            cache = tqpatch.TurboQuantCache(model, max_cache_len=context + steps + 8, batch_size=1)
-        else:
-            cache = DynamicCache(config=model.config)
-        for d in (0, 1):
-            torch.cuda.reset_peak_memory_stats(d)
-        times, prefill, prefill_peak = _step_times(model, cache, context, steps, model.config.vocab_size)
-        peak = {d: torch.cuda.max_memory_allocated(d) for d in (0, 1)}
-        kv = (tqpatch.cache_nbytes(cache) if setting.startswith("tqpatch") else
-              sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)))
-        rows.append({"setting": setting, "ms_per_step_median": statistics.median(times[2:]),
-                     "ms_per_step_all": times, "prefill_s": prefill, "kv_bytes": kv,
-                     "decode_peak_gib": {f"cuda:{d}": peak[d] / 2**30 for d in (0, 1)},
-                     "prefill_peak_gib": {f"cuda:{d}": prefill_peak[d] / 2**30 for d in (0, 1)}})
-        del cache
-        gc.collect()
-        torch.cuda.empty_cache()
-    tqpatch.unapply(model)
-    return {"context": context, "batch": 1, "steps": steps, "build_s": build_s,
-            "weights_gib": {f"cuda:{d}": w / 2**30 for d, w in weights.items()}, "rows": rows}
-
-
 def markdown(result: dict) -> str:
     c = result["check"]
     lines = [f"# tqpatch with a device_map over 2 GPUs ({result['gpu']})", "",
@@ -216,30 +121,12 @@ def markdown(result: dict) -> str:
              f"- greedy tokens (2 x 24, {c['distinct_tokens']} distinct) equal single-GPU patched: "
              f"{'yes' if not any('greedy' in e for e in c['errors']) else 'NO'}",
              f"- result: {'PASS' if c['passed'] else 'FAIL: ' + '; '.join(c['errors'])}"]
-    b = result.get("bench")
-    if b:
-        lines += ["", f"## Qwen2.5-32B shape, random bf16 weights, layers 0-31 on cuda:0 and 32-63 on cuda:1, "
-                  f"B=1, {b['context']} context, {b['steps']} decode steps", "",
-                  f"Weights: {b['weights_gib']['cuda:0']:.1f} GiB on cuda:0, {b['weights_gib']['cuda:1']:.1f} GiB "
-                  "on cuda:1.", "",
-                  "| K/V cache | ms / decode step (median) | prefill s | K/V GiB (measured) | decode peak GiB "
-                  "cuda:0 / cuda:1 | prefill peak GiB cuda:0 / cuda:1 |", "|---|---|---|---|---|---|"]
-        for r in b["rows"]:
-            dp, pp = r["decode_peak_gib"], r["prefill_peak_gib"]
-            lines.append(f"| {r['setting']} | {r['ms_per_step_median']:.1f} | {r['prefill_s']:.1f} | "
-                         f"{r['kv_bytes'] / 2**30:.2f} | {dp['cuda:0']:.1f} / {dp['cuda:1']:.1f} | "
-                         f"{pp['cuda:0']:.1f} / {pp['cuda:1']:.1f} |")
-        lines += ["", "Peaks = torch.cuda.max_memory_allocated per device (weights included), reset after the prefill; "
-                  "eager decode (no compile, no CUDA graphs), accelerate's device_map hooks in the loop."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="directory for device_map_check.json / .md")
-    ap.add_argument("--bench", action="store_true", help="also run the Qwen2.5-32B-shaped benchmark")
-    ap.add_argument("--context", type=int, default=32768, help="benchmark prompt tokens (default 32768)")
-    ap.add_argument("--steps", type=int, default=32, help="benchmark decode steps (default 32)")
     args = ap.parse_args(argv)
     if torch.cuda.device_count() < 2:
         print(f"device_map_check: needs 2 GPUs, found {torch.cuda.device_count()}", file=sys.stderr)
@@ -254,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result["check"] = check(Path(tmp))
     print(json.dumps({k: result["check"][k] for k in ("errors", "passed", "distinct_tokens")}), flush=True)
-    if args.bench:
-        result["bench"] = bench(args.context, args.steps)
     (out / "device_map_check.json").write_text(json.dumps(result, indent=2))
     (out / "device_map_check.md").write_text(markdown(result))
     print(markdown(result))
