@@ -2,7 +2,8 @@
 accelerate's device_map and with transformers' tensor parallelism.
 
     python tools/bench_32b.py --out results/h200x2_32b                      # both layouts, B 1 and 8
-    python tools/bench_32b.py --out /tmp/b --layouts tp --batches 1 --context 4096   # a quick look
+    python tools/bench_32b.py --out /tmp/b --layouts tp --batches 8 --compile       # compiled steps
+    python tools/bench_32b.py --out /tmp/b --layers 4 --context 4096 --steps 4      # a quick look
 
 The model: Qwen2.5-32B's shape (64 layers, 40 q / 8 kv heads, d 128, hidden 5120, intermediate 27648,
 vocab 152064) with random bf16 weights: 61 GiB of weights, 256 KiB of bf16 K/V per token.
@@ -15,9 +16,11 @@ vocab 152064) with random bf16 weights: 61 GiB of weights, 256 KiB of bf16 K/V p
 
 For each layout, batch size (``--batches``) and cache (bf16 ``DynamicCache``, tqpatch K4/V4 with its
 default 64-token full-precision window): prefill ``--context`` random tokens in model-level chunks of
-4,096 (both caches), then ``--steps`` greedy decode steps, each timed (eager: accelerate's hooks or
-the TP collectives stay in the loop; no torch.compile, no CUDA graphs). Reported: ms per step
-(median after 2 warm-up steps), tokens/s (B x 1000 / ms), prefill seconds, the K/V bytes measured
+4,096 (both caches), then ``--steps`` greedy decode steps, each timed: eager by default
+(accelerate's hooks or the TP collectives in the loop), or with ``--compile`` one
+``torch.compile(fullgraph=True, mode="reduce-overhead")`` step per cache, bf16 then with HF's
+StaticCache (the first 3 steps, compile included, are left out). Reported: ms per step
+(median after the warm-up steps), tokens/s (B x 1000 / ms), prefill seconds, the K/V bytes measured
 (``tqpatch.cache_nbytes`` / the DynamicCache tensors, summed over GPUs) next to the format's own
 size, and the peak allocated memory per GPU during prefill and during decode (weights included).
 Writes ``bench_32b.json`` and ``bench_32b.md`` to ``--out``.
@@ -111,16 +114,28 @@ def _kv_bytes(cache, method: str) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def measure(model, method: str, batch: int, context: int, steps: int) -> dict:
-    """Prefill ``context`` tokens (chunks of 4,096) then time ``steps`` greedy decode steps."""
-    from transformers import DynamicCache
+def measure(model, method: str, batch: int, context: int, steps: int, compiled: bool = False) -> dict:
+    """Prefill ``context`` tokens (chunks of 4,096) then time ``steps`` greedy decode steps (eager,
+    or one ``torch.compile(fullgraph=True, mode="reduce-overhead")`` step: bf16 then uses HF's
+    StaticCache; the first steps, compile included, are left out of the median)."""
+    from transformers import DynamicCache, StaticCache
 
     import tqpatch
 
     vocab, dev0 = model.config.vocab_size, model.get_input_embeddings().weight.device
     ids = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(2)).to(dev0)
-    cache = (tqpatch.TurboQuantCache(model, max_cache_len=context + steps + 8, batch_size=batch)
-             if method.startswith("tqpatch") else DynamicCache(config=model.config))
+    if method.startswith("tqpatch"):
+        cache = tqpatch.TurboQuantCache(model, max_cache_len=context + steps + 8, batch_size=batch)
+    elif compiled:
+        cache = StaticCache(config=model.config, max_cache_len=context + steps + 8)
+    else:
+        cache = DynamicCache(config=model.config)
+
+    def step(tok, pos, cache=cache):
+        return model(tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+    if compiled:
+        step = torch.compile(step, fullgraph=True, mode="reduce-overhead")
     for d in _devices():
         torch.cuda.reset_peak_memory_stats(d)
     _sync()
@@ -135,25 +150,28 @@ def measure(model, method: str, batch: int, context: int, steps: int) -> dict:
             torch.cuda.reset_peak_memory_stats(d)
         nxt = out.logits[:, -1:].argmax(-1).to(dev0)
         times = []
-        for _ in range(steps):
+        for i in range(steps):
+            pos = torch.full((batch, 1), context + i, device=dev0)
             _sync()
             t = time.perf_counter()
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1).to(dev0)
+            nxt = step(nxt, pos)[:, -1:].argmax(-1).to(dev0)
             _sync()
             times.append(1000 * (time.perf_counter() - t))
     decode_peak = {d: torch.cuda.max_memory_allocated(d) / 2**30 for d in _devices()}
     kv = _kv_bytes(cache, method)
-    del cache, out
+    del cache, out, step
     gc.collect()
     torch.cuda.empty_cache()
-    ms = statistics.median(times[2:])
-    return {"cache": method, "batch": batch, "context": context, "ms_per_step": ms, "tokens_per_s": batch * 1000 / ms,
+    ms = statistics.median(times[3:] if compiled else times[2:])
+    label = method + " + compile" if compiled and method.startswith("tqpatch") else (
+        "bf16 StaticCache + compile" if compiled else method)
+    return {"cache": label, "batch": batch, "context": context, "compiled": compiled, "first_step_s": times[0] / 1000,
+            "ms_per_step": ms, "tokens_per_s": batch * 1000 / ms,
             "ms_all": times, "prefill_s": prefill_s, "kv_bytes": kv,
             "prefill_peak_gib": prefill_peak, "decode_peak_gib": decode_peak}
 
 
-def run_layout(model, batches: list[int], context: int, steps: int, log) -> list[dict]:
+def run_layout(model, batches: list[int], context: int, steps: int, log, compiled: bool = False) -> list[dict]:
     import tqpatch
 
     rows = []
@@ -162,12 +180,14 @@ def run_layout(model, batches: list[int], context: int, steps: int, log) -> list
             if method.startswith("tqpatch"):
                 tqpatch.apply(model, key_bits=4, value_bits=4)
             try:
-                rows.append(measure(model, method, batch, context, steps))
+                rows.append(measure(model, method, batch, context, steps, compiled))
             except torch.OutOfMemoryError as e:
                 rows.append({"cache": method, "batch": batch, "context": context, "error": f"OOM: {e}"[:300]})
                 gc.collect()
                 torch.cuda.empty_cache()
             finally:
+                if compiled:
+                    torch._dynamo.reset()
                 if method.startswith("tqpatch"):
                     tqpatch.unapply(model)
             log(rows[-1])
@@ -218,7 +238,7 @@ def tp_worker(args: argparse.Namespace) -> int:
     weights = _weights_gib()
     log = (lambda r: print(json.dumps({k: v for k, v in r.items() if k != "ms_all"}), flush=True)) if rank == 0 \
         else (lambda r: None)
-    rows = run_layout(model, args.batch_list, args.context, args.steps, log)
+    rows = run_layout(model, args.batch_list, args.context, args.steps, log, args.compile)
     Path(args.out, f"tp_rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "load_s": load_s, "weights_gib": weights, "rows": rows}))
     dist.barrier()
@@ -233,6 +253,7 @@ def tp_layout(args: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(_free_port()), __file__, "--tp-worker", "--model-dir", tmp, "--out", str(out),
                "--batches", args.batches, "--context", str(args.context), "--steps", str(args.steps)]
+        cmd += ["--compile"] if args.compile else []
         proc = subprocess.run(cmd, text=True, capture_output=True, timeout=args.timeout)
     print(proc.stdout[-6000:], flush=True)
     if proc.returncode != 0:
@@ -262,7 +283,8 @@ def device_map_layout(args: argparse.Namespace) -> dict:
     if args.profile:
         profile_decode(model, 1, args.context, Path(args.out, "profile_device_map.txt"))
     rows = run_layout(model, args.batch_list, args.context, args.steps,
-                      lambda r: print(json.dumps({k: v for k, v in r.items() if k != "ms_all"}), flush=True))
+                      lambda r: print(json.dumps({k: v for k, v in r.items() if k != "ms_all"}), flush=True),
+                      args.compile)
     for r in rows:
         for key in ("prefill_peak_gib", "decode_peak_gib"):
             if key in r:
@@ -280,8 +302,10 @@ def markdown(result: dict) -> str:
              f"commit {result['commit']}, torch {result['torch']}, transformers {result['transformers']}, "
              f"accelerate {result['accelerate']}.", "",
              f"Random bf16 weights; B x {result['context']} random prompt tokens prefilled in model-level chunks of "
-             f"{CHUNK}; {result['steps']} greedy decode steps, eager (no compile, no CUDA graphs); ms/step = median "
-             "after 2 warm-up steps. K/V GiB = measured storage summed over both GPUs (tqpatch: codes, scales and "
+             f"{CHUNK}; {result['steps']} greedy decode steps, " + ("one compiled step each (torch.compile fullgraph, "
+             "reduce-overhead; bf16 with HF StaticCache); ms/step = median of the steps after the first 3 (compile and graph capture)."
+             if result.get("compile") else "eager (no compile, no CUDA graphs); ms/step = median after 2 warm-up steps.")
+             + "  K/V GiB = measured storage summed over both GPUs (tqpatch: codes, scales and "
              "its 64-token full-precision window); format ratio = 16 / (4 + 16/128) = 3.88x. Peaks = "
              "torch.cuda.max_memory_allocated per GPU, weights included.", ""]
     for layout, title in (("device_map", "accelerate device_map (layers 0-31 on GPU 0, 32-63 on GPU 1)"),
@@ -321,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=32768, help="prompt tokens (default 32768)")
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed (default 16)")
     ap.add_argument("--layers", type=int, default=64, help="decoder layers (default 64; fewer for a quick check)")
+    ap.add_argument("--compile", action="store_true",
+                    help="compiled decode steps (fullgraph, CUDA graphs; bf16 with HF StaticCache) instead of eager")
     ap.add_argument("--profile", action="store_true",
                     help="device_map layout: also write profile_device_map.txt (3 eager tqpatch steps, B=1)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed for the torchrun part")
@@ -346,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"gpu": f"2 x {torch.cuda.get_device_name(0)}", "torch": torch.__version__,
               "transformers": transformers.__version__, "accelerate": accelerate.__version__,
               "context": args.context, "steps": args.steps, "batches": args.batch_list, "layers": args.layers,
+              "compile": args.compile,
               **run_info(command)}
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     for layout in layouts:  # results written after each layout: a run cut short keeps what it measured

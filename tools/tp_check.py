@@ -8,8 +8,10 @@ recipe with per-head data (``key_channel_scale`` ``[L, H, d]``, mixed bits, one 
 precision), runs single-process patched greedy generation as the reference, then launches
 ``torchrun --nproc-per-node N`` on this same file. Each rank loads the model tensor-parallel,
 applies the recipe and checks that it holds only its own KV heads (plans, cache tensors) and the
-recipe rows of exactly those heads, then generates greedily. The check passes when every rank's
-tokens equal the reference. Writes ``tp_check.json`` and ``tp_check.md`` to ``--out``; exit
+recipe rows of exactly those heads, then generates greedily, and runs decode steps both eager and
+compiled (``torch.compile(fullgraph=True)``, CUDA graphs on GPUs) over a preallocated cache. The
+check passes when every rank's tokens equal the reference and its compiled steps give the tokens
+of its eager ones. Writes ``tp_check.json`` and ``tp_check.md`` to ``--out``; exit
 status 0 on success, 1 on a mismatch, 2 when something could not run.
 """
 
@@ -80,6 +82,29 @@ def reference(model_dir: Path, recipe: Path, device: str, dtype: torch.dtype) ->
     return {"unpatched": plain.tolist(), "patched": patched.tolist()}
 
 
+def decode_tokens(model, ids: torch.Tensor, steps: int, compiled: bool) -> torch.Tensor:
+    """Greedy tokens of ``steps`` decode steps after an eager prefill, the step eager or compiled
+    (``torch.compile(fullgraph=True)``; CUDA graphs on a GPU) over a preallocated cache."""
+    import tqpatch
+
+    B, T = ids.shape
+    cache = tqpatch.TurboQuantCache(model, max_cache_len=T + steps + 8, batch_size=B)
+    dev = model.get_input_embeddings().weight.device
+
+    def step(tok, pos):
+        return model(tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+    if compiled:
+        step = torch.compile(step, fullgraph=True, mode="reduce-overhead" if dev.type == "cuda" else None)
+    out = []
+    with torch.no_grad():
+        tok = model(ids.to(dev), past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        for i in range(steps):
+            out.append(tok)
+            tok = step(tok, torch.full((B, 1), T + i, device=dev)).argmax(-1).clone()
+    return torch.cat(out, 1).cpu()
+
+
 def _load_tp(model_dir: Path, dtype: torch.dtype):
     import inspect
     import warnings
@@ -124,6 +149,12 @@ def worker(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     tokens = generate(model, prompt_ids(), cache)
     seconds = time.perf_counter() - t0
+    eager_steps = decode_tokens(model, prompt_ids(), NEW_TOKENS, compiled=False)
+    t0 = time.perf_counter()
+    compiled_steps = decode_tokens(model, prompt_ids(), NEW_TOKENS, compiled=True)
+    compile_s = time.perf_counter() - t0
+    if not torch.equal(compiled_steps, eager_steps):
+        errors.append("compiled decode steps give other greedy tokens than eager ones")
     heads = {}
     for layer in cache.layers:
         stored = [t for t in layer.tensors()[:-2] if t.ndim >= 3]
@@ -132,6 +163,7 @@ def worker(args: argparse.Namespace) -> int:
             errors.append(f"layer {layer.plan.layer_idx}: cache tensors hold {heads[layer.plan.layer_idx]} heads")
     out = {"rank": rank, "world_size": world, "tokens": tokens.tolist(), "errors": errors,
            "cache_heads_per_layer": heads, "kv_bytes": tqpatch.cache_nbytes(cache), "generate_s": seconds,
+           "compiled_equals_eager": torch.equal(compiled_steps, eager_steps), "compile_and_decode_s": compile_s,
            "device": str(k_proj.weight.device), "backend": dist.get_backend() if dist.is_initialized() else None}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(out))
     if dist.is_initialized():
@@ -193,11 +225,12 @@ def parent(args: argparse.Namespace) -> int:
              f"torch {result['torch']}, transformers {result['transformers']}, {args.dtype}; random-weight llama "
              f"{NUM_LAYERS} layers, {NUM_HEADS} q / {NUM_KV_HEADS} kv heads, d {HEAD_DIM}; recipe K4/3/16/4 V4/3/16/3, "
              f"window {WINDOW}, per-head key scale.", "",
-             "| rank | KV heads held per layer | K/V bytes | greedy tokens equal single-process patched |",
-             "|---|---|---|---|"]
+             "| rank | KV heads held per layer | K/V bytes | greedy tokens equal single-process patched | "
+             "compiled decode step (fullgraph) equals eager |",
+             "|---|---|---|---|---|"]
     for r in ranks:
         lines.append(f"| {r['rank']} | {sorted({h for v in r['cache_heads_per_layer'].values() for h in v})} | "
-                     f"{r['kv_bytes']} | {r['tokens'] == ref['patched']} |")
+                     f"{r['kv_bytes']} | {r['tokens'] == ref['patched']} | {r['compiled_equals_eager']} |")
     lines += ["", f"Result: {'PASS' if result['passed'] else 'FAIL'}" + (f" ({'; '.join(errors)})" if errors else "")]
     Path(out, "tp_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -210,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, default=2, help="tensor-parallel processes (default 2; must divide 4)")
     ap.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     ap.add_argument("--out", required=True, help="directory for tp_check.json / tp_check.md")
-    ap.add_argument("--timeout", type=float, default=300, help="seconds allowed for torchrun (default 300)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds allowed for torchrun (default 600)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--recipe", help=argparse.SUPPRESS)
