@@ -4,7 +4,7 @@
 
 For each model: one sensitivity measurement on the bundled calibration text
 (``tqpatch/data/calibration.txt``), then recipes for 4.0 average bits (``recipes/<model>``, the
-default), 3.5 (``<model>-3.5bit``) and 2.5 (``<model>-2.5bit``), plus recipes at exactly the cost
+default), 3.5 (``<model>-3.5bit``), 3.0 (``<model>-3bit``) and 2.5 (``<model>-2.5bit``), plus recipes at exactly the cost
 of uniform 4-bit and 3-bit K/V (codes + scales) for a same-bits comparison. Every recipe and the
 uniform settings (and the same budgets without outlier-channel splits) are then applied (the real patched path) and scored in chunk mode on held-out
 text (tiny Shakespeare from character 300,000: a 384-token exact prompt, then 64 tokens that
@@ -35,7 +35,7 @@ from tqpatch.calibrate import measure_sensitivity  # noqa: E402
 from tqpatch.loading import load_model  # noqa: E402
 
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-BUDGETS = {"": 4.0, "-3.5bit": 3.5, "-2.5bit": 2.5}
+BUDGETS = {"": 4.0, "-3.5bit": 3.5, "-3bit": 3.0, "-2.5bit": 2.5}
 
 
 def held_out_kl(model, tok, methods: dict[str, dict], offset: int = 300_000) -> dict[str, float]:

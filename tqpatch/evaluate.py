@@ -255,7 +255,7 @@ def default_methods() -> list[Method]:
 
 def full_methods(model_name: str | None = None) -> list[Method]:
     """The issue-5 comparison: unquantized; tqpatch K=V at 2, 3, 4 bits; the calibrated recipes
-    ``<model>``, ``<model>-3.5bit``, ``<model>-2.5bit`` that are bundled (missing ones are
+    ``<model>``, ``<model>-3.5bit``, ``<model>-3bit``, ``<model>-2.5bit`` that are bundled (missing ones are
     skipped with a logged note); K4/V2 and K8/V4; QJL (prod, simulated) at 3 and 4 bits; the
     MSE variant simulated the same way at 3 and 4 bits (its direct comparison); Hadamard at 4
     bits; window 0 at 4 bits; ``QuantizedCache`` int2/int4 for each installed backend."""
@@ -265,7 +265,7 @@ def full_methods(model_name: str | None = None) -> list[Method]:
     methods += [tqpatch_bits_method(b, b) for b in (2, 3, 4)]
     if model_name:
         bundled = set(list_recipes())
-        for r in (f"{model_name}-2.5bit", f"{model_name}-3.5bit", model_name):
+        for r in (f"{model_name}-2.5bit", f"{model_name}-3bit", f"{model_name}-3.5bit", model_name):
             if r in bundled:
                 methods.append(recipe_method(r))
             else:
