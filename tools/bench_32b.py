@@ -114,6 +114,14 @@ def _kv_bytes(cache, method: str) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+def _prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Feed ``ids`` in model-level chunks of ``CHUNK`` tokens; returns the greedy next token."""
+    with torch.no_grad():
+        for lo in range(0, ids.shape[1], CHUNK):
+            out = model(ids[:, lo:lo + CHUNK], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1:].argmax(-1)
+
+
 def measure(model, method: str, batch: int, context: int, steps: int, compiled: bool = False) -> dict:
     """Prefill ``context`` tokens (chunks of 4,096) then time ``steps`` greedy decode steps (eager,
     or one ``torch.compile(fullgraph=True, mode="reduce-overhead")`` step: bf16 then uses HF's
@@ -140,15 +148,13 @@ def measure(model, method: str, batch: int, context: int, steps: int, compiled: 
         torch.cuda.reset_peak_memory_stats(d)
     _sync()
     t0 = time.perf_counter()
+    nxt = _prefill(model, ids, cache).to(dev0)
+    _sync()
+    prefill_s = time.perf_counter() - t0
+    prefill_peak = {d: torch.cuda.max_memory_allocated(d) / 2**30 for d in _devices()}
+    for d in _devices():
+        torch.cuda.reset_peak_memory_stats(d)
     with torch.no_grad():
-        for lo in range(0, context, CHUNK):
-            out = model(ids[:, lo:lo + CHUNK], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        _sync()
-        prefill_s = time.perf_counter() - t0
-        prefill_peak = {d: torch.cuda.max_memory_allocated(d) / 2**30 for d in _devices()}
-        for d in _devices():
-            torch.cuda.reset_peak_memory_stats(d)
-        nxt = out.logits[:, -1:].argmax(-1).to(dev0)
         times = []
         for i in range(steps):
             pos = torch.full((batch, 1), context + i, device=dev0)
@@ -159,7 +165,7 @@ def measure(model, method: str, batch: int, context: int, steps: int, compiled: 
             times.append(1000 * (time.perf_counter() - t))
     decode_peak = {d: torch.cuda.max_memory_allocated(d) / 2**30 for d in _devices()}
     kv = _kv_bytes(cache, method)
-    del cache, out, step
+    del cache, step
     gc.collect()
     torch.cuda.empty_cache()
     ms = statistics.median(times[3:] if compiled else times[2:])
@@ -204,10 +210,8 @@ def profile_decode(model, batch: int, context: int, path: Path) -> None:
         dev0 = model.get_input_embeddings().weight.device
         ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(2))
         cache = tqpatch.TurboQuantCache(model, max_cache_len=context + 16, batch_size=batch)
+        nxt = _prefill(model, ids.to(dev0), cache).to(dev0)
         with torch.no_grad():
-            for lo in range(0, context, CHUNK):
-                out = model(ids[:, lo:lo + CHUNK].to(dev0), past_key_values=cache, use_cache=True, logits_to_keep=1)
-            nxt = out.logits[:, -1:].argmax(-1).to(dev0)
             for _ in range(2):
                 nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1).to(dev0)
             _sync()

@@ -348,7 +348,8 @@ def _store(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tensor) -> None:
     p = layer.plan
     Q, R = k.shape[2], p.window
     P = layer.n
-    if Q == 1 and R and layer.capacity > 0:  # a decode step: the window's oldest token leaves
+    one_leaves = Q == 1 and R > 0 and layer.capacity > 0  # a decode step: the window's oldest token leaves
+    if one_leaves:  # encoded from its window slot, which the new token then takes
         slot = torch.remainder(P, R).reshape(1)
         _encode_into_history(layer, layer.win_k.index_select(2, slot), layer.win_v.index_select(2, slot),
                              (P - R).reshape(1))
@@ -369,7 +370,7 @@ def _store(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tensor) -> None:
         else:
             ek, ev = k[:, :, first:], v[:, :, first:]
         _encode_into_history(layer, ek, ev, enc_pos)
-    if R and not (Q == 1 and layer.capacity > 0):
+    if R and not one_leaves:
         keep = min(Q, R)
         slots = torch.remainder(P + torch.arange(Q - keep, Q, device=k.device), R)
         layer.win_k.index_copy_(2, slots, k[:, :, Q - keep :].to(layer.win_k.dtype))
