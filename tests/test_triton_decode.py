@@ -154,3 +154,127 @@ def test_compiled_cuda_graph_follows_n():
             out, lse = fn(q, n)
         ref_out, ref_lse = _reference((q, kc, ks, vc, vs, kcent, vcent, n, st), 4, 4, d ** -0.5, 0.0, False)
         _compare(out.clone(), lse.clone(), ref_out, ref_lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode_step: the whole decode-step attention of a layer (history + window + own token, merged and
+# rotated back) in two launches. Runs on CUDA, or on the CPU under TRITON_INTERPRET=1.
+# ---------------------------------------------------------------------------------------------
+
+def _kernel_device() -> torch.device:
+    if td.available():
+        return torch.device("cuda")
+    if td.interpreting():
+        return torch.device("cpu")
+    pytest.skip("needs CUDA and Triton (or TRITON_INTERPRET=1 with Triton installed)")
+
+
+def _step_reference(q, q_rot, kc, ks, vc, vs, kcent, vcent, wk, wv, kn, vn, rot_v, n, st, kb, vb, scaling, softcap,
+                    ring, sliding):
+    """The torch path's three parts, in float64 where it computes densely: own token, history
+    (``history_attention``, rotated back), window ring."""
+    from tqpatch.attention import dense_attention, merge_attention
+    from tqpatch.kernels.reference import slot_positions
+
+    R = wk.shape[2]
+    q_pos = n.reshape(1)
+    cap = softcap or None
+    own = dense_attention(q.unsqueeze(2).double(), kn.unsqueeze(2).double(), vn.unsqueeze(2).double(), q_pos,
+                          torch.ones(1, dtype=torch.bool, device=q.device), q_pos, st, scaling=scaling, softcap=cap,
+                          window=sliding)
+    o, lse = history_attention(q_rot.unsqueeze(2), kc, ks, vc, vs, kcent, vcent, (n - R).clamp(min=0), st,
+                               key_bits=kb, value_bits=vb, scaling=scaling, softcap=cap, ring=ring)
+    parts = [tuple(t.double() for t in own), ((o.double() @ rot_v.double()), lse.double())]
+    if R:
+        pos, filled = slot_positions(n, R, True, q.device)
+        parts.append(dense_attention(q.unsqueeze(2).double(), wk.double(), wv.double(), pos, filled, q_pos, st,
+                                     scaling=scaling, softcap=cap, window=sliding))
+    out, _ = merge_attention(parts)
+    return out[:, :, 0]
+
+
+# (key_bits, value_bits, d, G, R, ring, softcap, sliding, n, starts, C)
+_STEP_CASES = [
+    (4, 4, 128, 4, 64, False, 0.0, 0, 900, [0, 13], 1000),      # history + full window
+    (4, 4, 128, 4, 64, False, 0.0, 0, 40, [0, 3], 1000),        # n < R: window only, part filled
+    (3, 2, 64, 7, 16, False, 30.0, 0, 300, [0, 299], 400),      # softcap; a row sees one token
+    (2, 4, 256, 2, 32, True, 0.0, 100, 777, [0, 700], 67),      # wrapped ring, sliding window
+    (4, 3, 64, 1, 0, False, 0.0, 0, 200, [0, 250], 300),        # no window; a fully padded row
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kb,vb,d,G,R,ring,softcap,sliding,n,starts,C", _STEP_CASES)
+def test_decode_step_matches_reference(kb, vb, d, G, R, ring, softcap, sliding, n, starts, C):
+    dev = _kernel_device()
+    Hkv = 2
+    B = len(starts)
+    g = torch.Generator().manual_seed(hash((kb, vb, d, G, R, n)) % 10000)
+    q, kc, ks, vc, vs, kcent, vcent, _, st = _inputs(B, G * Hkv, Hkv, C, d, kb, vb, n, starts, "cpu",
+                                                    seed=hash((d, G, R)) % 1000, q_scale=2.0)
+    rot_k = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0].float()
+    rot_v = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0].float()
+    q16 = q.bfloat16()
+    q_rot = q16.float() @ rot_k.T
+    wk = torch.randn(B, Hkv, R, d, generator=g).bfloat16()
+    wv = torch.randn(B, Hkv, R, d, generator=g).bfloat16()
+    kn = (2 * torch.randn(B, Hkv, d, generator=g)).bfloat16()
+    vn = torch.randn(B, Hkv, d, generator=g).bfloat16()
+    nt = torch.tensor(n)  # int64, as the cache holds it
+    st = st.long()
+    args = [t.to(dev) for t in (q16, q_rot, kc, ks, vc, vs, kcent, vcent, wk, wv, kn, vn, rot_v, nt, st)]
+    ref = _step_reference(*(a.float() if a.dtype == torch.bfloat16 else a for a in args), kb, vb, d ** -0.5,
+                          softcap, ring, sliding)
+    for splits in (1, 4, None):
+        if dev.type == "cuda":
+            _poison_allocator(dev)
+        out = td.decode_step(*args, key_bits=kb, value_bits=vb, scaling=d ** -0.5, softcap=softcap, ring=ring,
+                             sliding=sliding, config={"splits": splits} if splits else None)
+        assert out.shape == (B, G * Hkv, d) and out.dtype == torch.float32
+        assert not torch.isnan(out).any(), "unwritten (NaN) outputs"
+        empty = ref.abs().sum(-1) == 0
+        assert torch.all(out[empty] == 0)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-3, f"splits={splits}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mistral"])
+def test_model_decode_kernel_path_matches_torch_path(arch, monkeypatch):
+    """A patched tiny model (head_dim 64): teacher-forced decode steps through the Triton decode step
+    give the logits of the torch path (full windows, wrapped windows, sliding rings, soft caps)."""
+    import tqpatch
+    from tqpatch import attention
+    from tqpatch.cache import TurboQuantCache
+
+    from tiny_models import tiny_model
+
+    dev = _kernel_device()
+    model = tiny_model(arch, head_dim=64).to(dev)
+    tqpatch.apply(model, key_bits=4, value_bits=3, window=16)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 256, (1, 70), generator=g).to(dev)
+    steps = torch.randint(0, 256, (1, 20), generator=g).to(dev)
+
+    def run(kernel: bool) -> torch.Tensor:
+        if not kernel:
+            monkeypatch.setattr(attention, "_decode_kernel_applies", lambda layer, q: False)
+        cache = TurboQuantCache(model, max_cache_len=128, batch_size=1)
+        logits = []
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+            for i in range(steps.shape[1]):
+                logits.append(model(steps[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+        monkeypatch.undo()
+        return torch.stack(logits)
+
+    used = []
+    real = attention._decode_kernel_attention
+    monkeypatch.setattr(attention, "_decode_kernel_attention", lambda *a: used.append(1) or real(*a))
+    fast = run(True)
+    assert used, "the decode kernel path was not taken"
+    ref = run(False)
+    err = ((fast - ref).norm() / ref.norm()).item()
+    assert err < 2e-3, f"relative logits error {err:.2e}"
+    assert torch.equal(fast.argmax(-1), ref.argmax(-1))
+    tqpatch.unapply(model)

@@ -277,17 +277,6 @@ def _history_part(layer: TurboQuantLayer, q: torch.Tensor, q_pos: torch.Tensor) 
     sliding = p.sliding_window or 0
     if p.quantized:
         q_rot = _rotate_queries(layer, q)
-        if q.is_cuda and Q == 1 and not p.split:
-            from .kernels import triton_decode
-
-            if triton_decode.available() and triton_decode.serves(p.key_bits, p.value_bits, p.head_dim):
-                out, lse = triton_decode.decode_attention(
-                    q_rot[:, :, 0], layer.k_codes, layer.k_scales, layer.v_codes, layer.v_scales,
-                    layer.k_centroids, layer.v_centroids, n_hist.to(torch.int32).reshape(1),
-                    layer.start.to(torch.int32), key_bits=p.key_bits, value_bits=p.value_bits,
-                    scaling=p.scaling, softcap=p.softcap or 0.0, ring=layer.ring,
-                )
-                return matmul_rows(out, layer.rotation_v).unsqueeze(2), lse.unsqueeze(2)
     slots = layer.capacity
     if _eager():  # follow the length, not the allocation
         slots = min(max(layer.stored() - p.window, 0), layer.capacity)
@@ -341,6 +330,35 @@ def _encode_into_history(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tenso
     else:
         layer.keys.index_copy_(2, slots, k.to(layer.keys.dtype))
         layer.values.index_copy_(2, slots, v.to(layer.values.dtype))
+
+
+def _decode_kernel_applies(layer: TurboQuantLayer, q: torch.Tensor) -> bool:
+    """One query token of a TurboQuant layer on CUDA: the whole attention is the Triton decode step
+    (:func:`tqpatch.kernels.triton_decode.decode_step`)."""
+    p = layer.plan
+    if not (q.shape[2] == 1 and p.quantized and not p.split and layer.capacity > 0):
+        return False
+    from .kernels import triton_decode
+
+    if not triton_decode.serves(p.key_bits, p.value_bits, p.head_dim):
+        return False
+    # TRITON_INTERPRET=1 runs it on the CPU too (Triton's interpreter: kernel tests without a GPU)
+    return (q.is_cuda and triton_decode.available()) or (triton_decode.interpreting() and not q.is_cuda)
+
+
+def _decode_kernel_attention(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The decode step's attention (history codes, window, own token) in two Triton launches;
+    float32 ``[B, Hq, 1, d]``."""
+    from .kernels import triton_decode
+
+    p = layer.plan
+    out = triton_decode.decode_step(
+        q[:, :, 0], _rotate_queries(layer, q)[:, :, 0], layer.k_codes, layer.k_scales, layer.v_codes,
+        layer.v_scales, layer.k_centroids, layer.v_centroids, layer.win_k, layer.win_v, k[:, :, 0], v[:, :, 0],
+        layer.rotation_v, layer.n, layer.start, key_bits=p.key_bits, value_bits=p.value_bits, scaling=p.scaling,
+        softcap=p.softcap or 0.0, ring=layer.ring, sliding=p.sliding_window or 0,
+    )
+    return out.unsqueeze(2)
 
 
 def _store(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -424,6 +442,10 @@ def attend_and_store(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Tensor, v
     if not layer.is_initialized:
         layer.lazy_initialization(k, v)
     layer.ensure_room(k.shape[2])
+    if _decode_kernel_applies(layer, q):
+        out = _decode_kernel_attention(layer, q, k, v)
+        _store(layer, k, v)
+        return out.to(q.dtype)
     p = layer.plan
     Q = q.shape[2]
     q_pos = layer.n + torch.arange(Q, device=q.device)

@@ -53,7 +53,7 @@ import torch
 
 from .reference import history_attention
 
-__all__ = ["available", "decode_attention", "default_config"]
+__all__ = ["available", "decode_attention", "decode_step", "default_config"]
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _ENV_LUT = os.environ.get("TQPATCH_TRITON_LUT", "")
 
 
-def _interpreting() -> bool:
-    return _INTERPRET
+def interpreting() -> bool:
+    """Whether Triton's CPU interpreter runs the kernels (``TRITON_INTERPRET=1`` at import, Triton
+    installed): the kernels then take CPU tensors, slowly; for tests without a GPU."""
+    return _INTERPRET and _HAS_TRITON
+
 
 
 if _HAS_TRITON:
@@ -358,26 +361,25 @@ if _HAS_TRITON:
     # ------------------------------------------------------------------------------------------
 
     @triton.jit
-    def _tq_decode_split_kernel(
-        Q, KC, KS, VC, VS, KCENT, VCENT, NPTR, START,
-        ACC, MAX, SUM,
-        C, HKV, SPLITS, q_scale, softcap,
-        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-        KBITS: tl.constexpr, VBITS: tl.constexpr, BN: tl.constexpr,
-        RING: tl.constexpr, SOFTCAP: tl.constexpr, LUT: tl.constexpr, STAGES: tl.constexpr,
+    def _to_log2(s, softcap, SOFTCAP: tl.constexpr):
+        # scores times q_scale -> log2 units: with a cap, softcap * tanh(s / softcap) * log2(e),
+        # tanh(x) = 1 - 2 / (exp(2x) + 1) (q_scale then holds no log2(e)).
+        if SOFTCAP:
+            e = tl.exp2(s * (2.0 * 1.4426950408889634 / softcap))
+            s = (softcap * 1.4426950408889634) * (1.0 - 2.0 / (e + 1.0))
+        return s
+
+    @triton.jit
+    def _history_partial(
+        Q, KC, KS, VC, VS, KCENT, VCENT, n, st, C, b, h, HKV, sp, SPLITS, q_scale, softcap,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+        BN: tl.constexpr, RING: tl.constexpr, SOFTCAP: tl.constexpr, LUT: tl.constexpr, STAGES: tl.constexpr,
         EARLYV: tl.constexpr,
     ):
-        # torch.compile passes Python floats as fp64: keep all score arithmetic in fp32.
-        q_scale = tl.cast(q_scale, tl.float32)
-        softcap = tl.cast(softcap, tl.float32)
-        bh = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = bh // HKV
-        h = bh % HKV
-
-        n = tl.load(NPTR)
+        """Split ``sp`` of the history of (row ``b``, KV head ``h``), ``n`` tokens ever written to it:
+        returns the unnormalised rotated-domain accumulator ``[D, GP]``, the running max and sum
+        ``[GP]`` (log2 units)."""
         filled = tl.minimum(n, C)
-        st = tl.load(START + b)
         if RING:
             lo = 0
         else:
@@ -387,6 +389,7 @@ if _HAS_TRITON:
         per = (blk_end - blk_first + SPLITS - 1) // SPLITS
         b0 = blk_first + sp * per
         b1 = tl.minimum(b0 + per, blk_end)
+        bh = b * HKV + h
 
         # Queries of this KV head, [GP, D]; rows >= G are padding (zeros).
         g = tl.arange(0, GP)
@@ -447,11 +450,7 @@ if _HAS_TRITON:
                 vc = _expand(v0, v1, v2, VCENT, vt0, vt1, vt2, vt3, vt4, vt5, vt6, vt7, VBITS, BN, D, LUT)
             s2 = tl.dot(kc, qT2)  # [BN, 2*GP] fp32
             s_hi, s_lo = tl.split(s2.reshape(BN, GP, 2))
-            s = (s_hi + s_lo * (1.0 / 2048.0)) * ks[:, None] * qsc[None, :]
-            if SOFTCAP:
-                # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1); then to log2 units.
-                e = tl.exp2(s * (2.0 * 1.4426950408889634 / softcap))
-                s = (softcap * 1.4426950408889634) * (1.0 - 2.0 / (e + 1.0))
+            s = _to_log2((s_hi + s_lo * (1.0 / 2048.0)) * ks[:, None] * qsc[None, :], softcap, SOFTCAP)
             s = tl.where(vis[:, None], s, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -468,14 +467,158 @@ if _HAS_TRITON:
             acc = tl.dot(tl.trans(vc), pv2, acc)  # [D, 2*GP]
             m_i = m_new
 
-
         l_i = tl.sum(l_vec, axis=0)
         out_acc, _unused = tl.split(acc.reshape(D, GP, 2))
+        return out_acc, m_i, l_i
+
+    @triton.jit
+    def _tq_decode_split_kernel(
+        Q, KC, KS, VC, VS, KCENT, VCENT, NPTR, START,
+        ACC, MAX, SUM,
+        C, HKV, SPLITS, q_scale, softcap,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+        KBITS: tl.constexpr, VBITS: tl.constexpr, BN: tl.constexpr,
+        RING: tl.constexpr, SOFTCAP: tl.constexpr, LUT: tl.constexpr, STAGES: tl.constexpr,
+        EARLYV: tl.constexpr,
+    ):
+        # torch.compile passes Python floats as fp64: keep all score arithmetic in fp32.
+        q_scale = tl.cast(q_scale, tl.float32)
+        softcap = tl.cast(softcap, tl.float32)
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = bh // HKV
+        h = bh % HKV
+        n = tl.load(NPTR)
+        st = tl.load(START + b)
+        out_acc, m_i, l_i = _history_partial(
+            Q, KC, KS, VC, VS, KCENT, VCENT, n, st, C, b, h, HKV, sp, SPLITS, q_scale, softcap,
+            G, GP, D, KBITS, VBITS, BN, RING, SOFTCAP, LUT, STAGES, EARLYV)
+        g = tl.arange(0, GP)
+        dcol = tl.arange(0, D)
+        gmask = g < G
         hq = (b * HKV * G + h * G + g).to(tl.int64)
         part = hq * SPLITS + sp
         tl.store(ACC + part[None, :] * D + dcol[:, None], out_acc, mask=gmask[None, :])
         tl.store(MAX + part, m_i, mask=gmask)
         tl.store(SUM + part, l_i, mask=gmask)
+
+    # ------------------------------------------------------------------------------------------
+    # The whole decode step of a layer (``decode_step``): stage 1 gets one more program per (row,
+    # KV head), the last split, for the full-precision window and the new token's own K/V.
+    # ------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _window_partial(
+        QRAW, WK, WV, KNEW, VNEW, n, st, b, h, HKV, R, W, q_scale, softcap,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BW: tl.constexpr,
+        SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
+    ):
+        """The query token (position ``n``) over the window ring (``R`` slots, positions
+        ``n - min(n, R) .. n - 1``) and over its own key, in the model's basis, float32: returns
+        the unnormalised accumulator ``[GP, D]``, max and sum ``[GP]`` (log2 units)."""
+        g = tl.arange(0, GP)
+        dcol = tl.arange(0, D)
+        gmask = g < G
+        bh = (b * HKV + h).to(tl.int64)
+        qrow = (b * HKV * G + h * G + g).to(tl.int64)
+        q = tl.load(QRAW + qrow[:, None] * D + dcol[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        kn = tl.load(KNEW + bh * D + dcol).to(tl.float32)
+        vn = tl.load(VNEW + bh * D + dcol).to(tl.float32)
+        own = n >= st  # a padded row's own token is invisible too
+        s_own = _to_log2(tl.sum(q * kn[None, :], axis=1) * q_scale, softcap, SOFTCAP)
+        m_i = tl.where(own, s_own, float("-inf"))
+        l_i = tl.where(own, 1.0, 0.0) + tl.zeros([GP], tl.float32)
+        acc = tl.where(own, 1.0, 0.0) * vn[None, :] + tl.zeros([GP, D], tl.float32)
+        for w0 in range(0, R, BW):
+            j = w0 + tl.arange(0, BW)
+            wrapped = j + R * ((n - 1 - j) // R)
+            pos = tl.where(n > R, wrapped, j)
+            vis = (j < R) & (j < n) & (pos >= st)
+            if SLIDING:
+                vis = vis & (pos > n - W)
+            rows = (bh * R + j)[:, None] * D + dcol[None, :]
+            kw = tl.load(WK + rows, mask=(j < R)[:, None], other=0.0).to(tl.float32)  # [BW, D]
+            s = _to_log2(tl.sum(q[:, None, :] * kw[None, :, :], axis=2) * q_scale, softcap, SOFTCAP)  # [GP, BW]
+            s = tl.where(vis[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vw = tl.load(WV + rows, mask=(j < R)[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vw[None, :, :], axis=1)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _tq_decode_step_kernel(
+        Q, QRAW, KC, KS, VC, VS, KCENT, VCENT, WK, WV, KNEW, VNEW, NPTR, START,
+        ACC, MAX, SUM, WACC, WMAX, WSUM,
+        C, HKV, SPLITS, R, W, q_scale, q_scale_raw, softcap,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+        KBITS: tl.constexpr, VBITS: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
+        RING: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr, LUT: tl.constexpr,
+        STAGES: tl.constexpr, EARLYV: tl.constexpr,
+    ):
+        q_scale = tl.cast(q_scale, tl.float32)
+        q_scale_raw = tl.cast(q_scale_raw, tl.float32)
+        softcap = tl.cast(softcap, tl.float32)
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = bh // HKV
+        h = bh % HKV
+        n = tl.load(NPTR).to(tl.int32)  # the layer's tokens: window holds the last min(n, R)
+        st = tl.load(START + b).to(tl.int32)
+        g = tl.arange(0, GP)
+        dcol = tl.arange(0, D)
+        gmask = g < G
+        hq = (b * HKV * G + h * G + g).to(tl.int64)
+        if sp == SPLITS:
+            acc, m_i, l_i = _window_partial(QRAW, WK, WV, KNEW, VNEW, n, st, b, h, HKV, R, W, q_scale_raw, softcap,
+                                            G, GP, D, BW, SOFTCAP, SLIDING)
+            tl.store(WACC + hq[:, None] * D + dcol[None, :], acc, mask=gmask[:, None])
+            tl.store(WMAX + hq, m_i, mask=gmask)
+            tl.store(WSUM + hq, l_i, mask=gmask)
+        else:
+            out_acc, m_i, l_i = _history_partial(
+                Q, KC, KS, VC, VS, KCENT, VCENT, tl.maximum(n - R, 0), st, C, b, h, HKV, sp, SPLITS, q_scale,
+                softcap, G, GP, D, KBITS, VBITS, BN, RING, SOFTCAP, LUT, STAGES, EARLYV)
+            part = hq * SPLITS + sp
+            tl.store(ACC + part[None, :] * D + dcol[:, None], out_acc, mask=gmask[None, :])
+            tl.store(MAX + part, m_i, mask=gmask)
+            tl.store(SUM + part, l_i, mask=gmask)
+
+    @triton.jit
+    def _tq_decode_step_combine_kernel(ACC, MAX, SUM, WACC, WMAX, WSUM, PV, OUT, SPLITS,
+                                       SP: tl.constexpr, D: tl.constexpr, BI: tl.constexpr):
+        """One (row, query head): merge the history splits (rotated domain), rotate the sum back
+        (``@ PV``), add the window part, normalise."""
+        row = tl.program_id(0).to(tl.int64)
+        sidx = tl.arange(0, SP)
+        smask = sidx < SPLITS
+        m = tl.load(MAX + row * SPLITS + sidx, mask=smask, other=float("-inf"))
+        l = tl.load(SUM + row * SPLITS + sidx, mask=smask, other=0.0)
+        mh = tl.max(m, axis=0)
+        mw = tl.load(WMAX + row)
+        lw = tl.load(WSUM + row)
+        mm = tl.maximum(mh, mw)
+        ok = mm > float("-inf")
+        msafe = tl.where(ok, mm, 0.0)
+        w = tl.where(m > float("-inf"), tl.exp2(m - msafe), 0.0)
+        ww = tl.where(mw > float("-inf"), tl.exp2(mw - msafe), 0.0)
+        total = tl.sum(w * l, axis=0) + ww * lw
+        dcol = tl.arange(0, D)
+        o = tl.zeros([D], tl.float32)
+        for i0 in tl.static_range(0, D, BI):
+            i = i0 + tl.arange(0, BI)
+            a = tl.load(ACC + (row * SPLITS + sidx)[:, None] * D + i[None, :], mask=smask[:, None], other=0.0)
+            oi = tl.sum(a * w[:, None], axis=0)  # [BI], rotated domain
+            pv = tl.load(PV + i[:, None] * D + dcol[None, :])  # rows i of the rotation
+            o += tl.sum(oi[:, None] * pv, axis=0)
+        o += ww * tl.load(WACC + row * D + dcol)
+        denom = tl.where(ok & (total > 0), total, 1.0)
+        o = tl.where(ok, o / denom, 0.0)
+        tl.store(OUT + row * D + dcol, o)
 
     # ------------------------------------------------------------------------------------------
     # Stage 2: merge the splits of one (batch row, query head).
@@ -608,10 +751,44 @@ def _launch(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroid
     k2[(B * Hq,)](acc, mx, sm, out, lse, splits, SP=max(2, triton.next_power_of_2(splits)), D=d, num_warps=4)
 
 
+def _launch_step(q, q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, win_k, win_v, k_new,
+                 v_new, rotation_v, n, start, out, window, sliding, key_bits, value_bits, scaling, softcap, ring,
+                 config, lut, wrap=None):
+    """Both launches of :func:`decode_step` (``wrap``: torch.library.wrap_triton)."""
+    B, Hq, d = q_rot.shape
+    Hkv, C = k_codes.shape[1], k_codes.shape[2]
+    G = Hq // Hkv
+    GP = max(8, triton.next_power_of_2(G))
+    splits = int(config["splits"])
+    dev = q_rot.device
+    acc = torch.empty((B * Hq * splits * d,), device=dev, dtype=torch.float32)
+    mx = torch.empty((B * Hq * splits,), device=dev, dtype=torch.float32)
+    sm = torch.empty((B * Hq * splits,), device=dev, dtype=torch.float32)
+    wacc = torch.empty((B * Hq * d,), device=dev, dtype=torch.float32)
+    wmx = torch.empty((B * Hq,), device=dev, dtype=torch.float32)
+    wsm = torch.empty((B * Hq,), device=dev, dtype=torch.float32)
+    softcap = float(softcap or 0.0)
+    q_scale = float(scaling) * (1.0 if softcap else _LOG2E)
+    k1 = _tq_decode_step_kernel if wrap is None else wrap(_tq_decode_step_kernel)
+    k1[(B * Hkv, splits + 1)](
+        q_rot, q, k_codes.view(torch.int32), k_scales, v_codes.view(torch.int32), v_scales, k_centroids, v_centroids,
+        win_k, win_v, k_new, v_new, n, start,
+        acc, mx, sm, wacc, wmx, wsm,
+        C, Hkv, splits, int(window), int(sliding or 0), q_scale, q_scale, softcap if softcap else 1.0,
+        G=G, GP=GP, D=d, KBITS=key_bits, VBITS=value_bits, BN=int(config["BLOCK_N"]), BW=8,
+        RING=bool(ring), SOFTCAP=bool(softcap), SLIDING=bool(sliding), LUT=1 if lut == "prmt" else 0,
+        STAGES=int(config["stages"]), EARLYV=bool(config.get("early_v", False)), num_warps=int(config["num_warps"]),
+        **({"maxnreg": int(config["maxnreg"])} if config.get("maxnreg") else {}),
+    )
+    k2 = _tq_decode_step_combine_kernel if wrap is None else wrap(_tq_decode_step_combine_kernel)
+    k2[(B * Hq,)](acc, mx, sm, wacc, wmx, wsm, rotation_v, out, splits, SP=max(2, triton.next_power_of_2(splits)),
+                  D=d, BI=8 if d <= 128 else 4, num_warps=4)
+
+
 def _default_lut() -> str:
     if _ENV_LUT in ("prmt", "gather"):
         return _ENV_LUT
-    return "gather" if _interpreting() else "prmt"
+    return "gather" if interpreting() else "prmt"
 
 
 if _HAS_TRITON:
@@ -649,6 +826,45 @@ if _HAS_TRITON:
         _launch(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n, start, out, lse,
                 key_bits, value_bits, scaling, softcap, ring, config, lut, wrap=wrap_triton)
         return out, lse
+
+    @triton_op("tqpatch::decode_step", mutates_args=())
+    def _decode_step_op(
+        q: torch.Tensor,
+        q_rot: torch.Tensor,
+        k_codes: torch.Tensor,
+        k_scales: torch.Tensor,
+        v_codes: torch.Tensor,
+        v_scales: torch.Tensor,
+        k_centroids: torch.Tensor,
+        v_centroids: torch.Tensor,
+        win_k: torch.Tensor,
+        win_v: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        rotation_v: torch.Tensor,
+        n: torch.Tensor,
+        start: torch.Tensor,
+        window: int,
+        sliding: int,
+        key_bits: int,
+        value_bits: int,
+        scaling: float,
+        softcap: float,
+        ring: bool,
+        block_n: int,
+        num_warps: int,
+        splits: int,
+        stages: int,
+        maxnreg: int,
+        lut: str,
+    ) -> torch.Tensor:
+        B, Hq, d = q_rot.shape
+        out = torch.empty((B, Hq, d), device=q_rot.device, dtype=torch.float32)
+        config = {"BLOCK_N": block_n, "num_warps": num_warps, "splits": splits, "stages": stages, "maxnreg": maxnreg}
+        _launch_step(q, q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, win_k, win_v, k_new,
+                     v_new, rotation_v, n, start, out, window, sliding, key_bits, value_bits, scaling, softcap, ring,
+                     config, lut, wrap=wrap_triton)
+        return out
 
 
 def decode_attention(
@@ -693,7 +909,7 @@ def decode_attention(
         ``lse = -inf`` and ``out = 0``. Without Triton or off CUDA, the reference computes it.
     """
     _check(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n, start, key_bits, value_bits)
-    if not (_HAS_TRITON and (q_rot.is_cuda or _interpreting())):
+    if not (_HAS_TRITON and (q_rot.is_cuda or interpreting())):
         out, lse = history_attention(
             q_rot.unsqueeze(2), k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n, start,
             key_bits=key_bits, value_bits=value_bits, scaling=scaling, softcap=softcap or None, ring=ring,
@@ -718,7 +934,7 @@ def decode_attention(
     v_codes = v_codes.contiguous()
     k_scales = k_scales.contiguous()
     v_scales = v_scales.contiguous()
-    if _interpreting() and not q_rot.is_cuda:
+    if interpreting() and not q_rot.is_cuda:
         out = torch.empty((B, Hq, d), dtype=torch.float32)
         lse = torch.empty((B, Hq), dtype=torch.float32)
         _launch(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n, start, out, lse,
@@ -736,3 +952,87 @@ def decode_attention(
     # (accelerate's device_map) would otherwise run there and read its cache over peer access.
     with torch.cuda.device(q_rot.device):
         return torch.ops.tqpatch.decode_attention(*args)
+
+
+def decode_step(
+    q: torch.Tensor,
+    q_rot: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    k_centroids: torch.Tensor,
+    v_centroids: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    rotation_v: torch.Tensor,
+    n: torch.Tensor,
+    start: torch.Tensor,
+    *,
+    key_bits: int,
+    value_bits: int,
+    scaling: float,
+    softcap: float = 0.0,
+    ring: bool = False,
+    sliding: int = 0,
+    config: dict | None = None,
+    lut: str | None = None,
+) -> torch.Tensor:
+    """A layer's whole decode-step attention in two launches: one query token over the compressed
+    history, the full-precision window and its own key, merged and rotated back to the model's basis.
+
+    Stage 1 runs the history splits of :func:`decode_attention` plus one more program per (row, KV
+    head) for the window ring and the new token (float32, model basis); stage 2 merges the history
+    splits in the rotated domain, applies ``rotation_v`` once, adds the window part and normalises.
+
+    Args:
+        q: ``[B, Hq, d]`` queries in the model's basis (any float dtype); ``q_rot``: the same in the
+            keys' rotated domain, float32 (``Pi_K D q``).
+        k_codes .. v_centroids: the history store, as in :func:`decode_attention`.
+        win_k, win_v: ``[B, Hkv, R, d]`` the window ring (position ``t`` at slot ``t % R``).
+        k_new, v_new: ``[B, Hkv, d]`` the new token's key and value.
+        rotation_v: ``float32 [d, d]``: history outputs are ``out_rot @ rotation_v``.
+        n: tokens stored so far (one integer; the new token's position), on the device.
+        start: ``[B]`` first non-padding position of each row.
+        sliding: sliding-window size (0: off): keys at positions ``<= n - sliding`` are invisible.
+
+    Returns:
+        ``float32 [B, Hq, d]`` attention output in the model's basis.
+    """
+    if not (_HAS_TRITON and (q_rot.is_cuda or interpreting())):
+        raise RuntimeError("decode_step needs Triton and a CUDA device (or TRITON_INTERPRET=1); "
+                           "use tqpatch.attention's torch path instead")
+    _check(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n.reshape(1), start.reshape(-1),
+           key_bits, value_bits)
+    B, Hq, d = q_rot.shape
+    Hkv, C = k_codes.shape[1], k_codes.shape[2]
+    R = win_k.shape[2]
+    if tuple(win_k.shape) != (B, Hkv, R, d) or tuple(win_v.shape) != (B, Hkv, R, d):
+        raise ValueError(f"window tensors must be [B, Hkv, R, d] = {(B, Hkv, R, d)}")
+    compiling = torch.compiler.is_compiling()
+    cfg = default_config(B, Hkv, C, d, key_bits, value_bits, _sm_count(q_rot.device) if q_rot.is_cuda else 132,
+                         register_cap=not compiling)
+    if config:
+        cfg.update(config)
+    if compiling:
+        cfg["maxnreg"] = 0
+    lut = lut or _default_lut()
+    args = [q.reshape(B, Hq, d).contiguous(), q_rot.to(torch.float32).contiguous(), k_codes.contiguous(),
+            k_scales.contiguous(), v_codes.contiguous(), v_scales.contiguous(),
+            k_centroids.to(torch.float32).contiguous(), v_centroids.to(torch.float32).contiguous(),
+            win_k.contiguous(), win_v.contiguous(), k_new.reshape(B, Hkv, d).contiguous(),
+            v_new.reshape(B, Hkv, d).contiguous(), rotation_v.to(torch.float32).contiguous(), n.reshape(1),
+            start.reshape(B)]
+    opts = (int(R), int(sliding or 0), int(key_bits), int(value_bits), float(scaling), float(softcap or 0.0),
+            bool(ring), int(cfg["BLOCK_N"]), int(cfg["num_warps"]), int(cfg["splits"]), int(cfg["stages"]),
+            int(cfg.get("maxnreg") or 0), str(lut))
+    if interpreting() and not q_rot.is_cuda:
+        out = torch.empty((B, Hq, d), dtype=torch.float32)
+        _launch_step(*args, out, R, sliding, key_bits, value_bits, scaling, softcap, ring, cfg, lut)
+        return out
+    if compiling:
+        return torch.ops.tqpatch.decode_step(*args, *opts)
+    with torch.cuda.device(q_rot.device):
+        return torch.ops.tqpatch.decode_step(*args, *opts)
