@@ -278,3 +278,50 @@ def test_model_decode_kernel_path_matches_torch_path(arch, monkeypatch):
     assert err < 2e-3, f"relative logits error {err:.2e}"
     assert torch.equal(fast.argmax(-1), ref.argmax(-1))
     tqpatch.unapply(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kb,vb,d,key_scale", [(4, 4, 128, False), (3, 2, 64, True), (2, 3, 256, False)])
+def test_store_step_matches_torch_store(kb, vb, d, key_scale, monkeypatch):
+    """The one-launch store equals the torch store: the leaving window token's codes and scales in
+    its history slot, the new token in its window slot, over wrapped windows and early steps (n < R)."""
+    import copy
+
+    from tqpatch import attention
+    from tqpatch.cache import LayerPlan, TurboQuantLayer
+    from tqpatch.packing import unpack
+    from tqpatch.quantizer import TurboQuantizer
+
+    dev = _kernel_device()
+    B, Hkv, R, C = 2, 2, 16, 40
+    g = torch.Generator().manual_seed(kb * 10 + vb)
+    plan_kwargs = dict(layer_idx=0, num_heads=2 * Hkv, num_kv_heads=Hkv, head_dim=d, key_bits=kb, value_bits=vb,
+                       window=R, scaling=d ** -0.5,
+                       key_quantizer=TurboQuantizer(d, kb, seed=1, scale_dtype=torch.float16),
+                       value_quantizer=TurboQuantizer(d, vb, seed=2, scale_dtype=torch.float16))
+    if key_scale:
+        plan_kwargs["key_scale"] = torch.rand(Hkv, d, generator=g) + 0.5
+    layer = TurboQuantLayer(LayerPlan(**plan_kwargs), max_cache_len=C + R)
+    layer.allocate(B, torch.bfloat16, dev, C + R)
+    for n in (3, 16, 17, 45, 90):  # window filling, just full, wrapped; history wrapping past C
+        layer.win_k.copy_(torch.randn(layer.win_k.shape, generator=g))
+        layer.win_v.copy_(torch.randn(layer.win_v.shape, generator=g))
+        layer.n.fill_(n)
+        layer.host_n = n
+        k = torch.randn(B, Hkv, 1, d, generator=g).bfloat16().to(dev)
+        v = torch.randn(B, Hkv, 1, d, generator=g).bfloat16().to(dev)
+        ref = copy.deepcopy(layer)
+        attention._store(layer, k, v)
+        with monkeypatch.context() as m:
+            m.setattr(attention, "_decode_kernel_applies", lambda layer, q: False)
+            attention._store(ref, k, v)
+        assert int(layer.n) == int(ref.n) == n + 1
+        torch.testing.assert_close(layer.win_k, ref.win_k, rtol=0, atol=0)
+        torch.testing.assert_close(layer.win_v, ref.win_v, rtol=0, atol=0)
+        for side, bits in (("k", kb), ("v", vb)):
+            a, b = getattr(layer, f"{side}_codes"), getattr(ref, f"{side}_codes")
+            ia, ib = unpack(a, bits, d), unpack(b, bits, d)
+            differ = (ia != ib).float().mean().item()
+            assert differ < 2e-3 and (ia.long() - ib.long()).abs().max() <= 1, f"{side}: {differ:.2e} of codes differ"
+            torch.testing.assert_close(getattr(layer, f"{side}_scales"), getattr(ref, f"{side}_scales"), rtol=2e-3,
+                                       atol=0)

@@ -333,8 +333,9 @@ def _encode_into_history(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tenso
 
 
 def _decode_kernel_applies(layer: TurboQuantLayer, q: torch.Tensor) -> bool:
-    """One query token of a TurboQuant layer on CUDA: the whole attention is the Triton decode step
-    (:func:`tqpatch.kernels.triton_decode.decode_step`)."""
+    """One token (``q`` or its key ``[B, H, 1, d]``) of a TurboQuant layer on CUDA: its attention is
+    the Triton decode step (:func:`tqpatch.kernels.triton_decode.decode_step`), and with a window its
+    store is :func:`~tqpatch.kernels.triton_decode.store_step`."""
     p = layer.plan
     if not (q.shape[2] == 1 and p.quantized and not p.split and layer.capacity > 0):
         return False
@@ -367,7 +368,15 @@ def _store(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tensor) -> None:
     Q, R = k.shape[2], p.window
     P = layer.n
     one_leaves = Q == 1 and R > 0 and layer.capacity > 0  # a decode step: the window's oldest token leaves
-    if one_leaves:  # encoded from its window slot, which the new token then takes
+    if one_leaves and _decode_kernel_applies(layer, k):  # one Triton launch: encode, then take the slot
+        from .kernels import triton_decode
+
+        triton_decode.store_step(
+            layer.win_k, layer.win_v, k[:, :, 0], v[:, :, 0], layer.n, layer.key_scale, layer.rotation_k,
+            layer.rotation_v, layer.k_thresholds, layer.v_thresholds, layer.k_centroids, layer.v_centroids,
+            layer.k_codes, layer.k_scales, layer.v_codes, layer.v_scales, key_bits=p.key_bits,
+            value_bits=p.value_bits)
+    elif one_leaves:  # encoded from its window slot, which the new token then takes
         slot = torch.remainder(P, R).reshape(1)
         _encode_into_history(layer, layer.win_k.index_select(2, slot), layer.win_v.index_select(2, slot),
                              (P - R).reshape(1))

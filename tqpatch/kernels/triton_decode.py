@@ -53,7 +53,7 @@ import torch
 
 from .reference import history_attention
 
-__all__ = ["available", "decode_attention", "decode_step", "default_config"]
+__all__ = ["available", "decode_attention", "decode_step", "default_config", "store_step"]
 
 log = logging.getLogger(__name__)
 
@@ -510,25 +510,30 @@ if _HAS_TRITON:
     @triton.jit
     def _window_partial(
         QRAW, WK, WV, KNEW, VNEW, n, st, b, h, HKV, R, W, q_scale, softcap,
-        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BW: tl.constexpr,
-        SOFTCAP: tl.constexpr, SLIDING: tl.constexpr,
+        G: tl.constexpr, GW: tl.constexpr, D: tl.constexpr, BW: tl.constexpr,
+        SOFTCAP: tl.constexpr, SLIDING: tl.constexpr, EXACT: tl.constexpr,
     ):
         """The query token (position ``n``) over the window ring (``R`` slots, positions
-        ``n - min(n, R) .. n - 1``) and over its own key, in the model's basis, float32: returns
-        the unnormalised accumulator ``[GP, D]``, max and sum ``[GP]`` (log2 units)."""
-        g = tl.arange(0, GP)
+        ``n - min(n, R) .. n - 1``) and over its own key, in the model's basis: returns the
+        unnormalised accumulator ``[D, GW]`` (column g: query g), max and sum ``[GW]`` (log2 units).
+        The window's dtype is the model's: 16-bit queries and keys multiply exactly in the dot; the
+        probabilities enter the value dot as a high and a low 16-bit part. ``EXACT``: float32 dots
+        without tf32 (float32 windows, and Triton's interpreter, whose 16-bit dots are wrong)."""
+        WDT: tl.constexpr = tl.float32 if EXACT else WK.dtype.element_ty
+        g = tl.arange(0, GW)
         dcol = tl.arange(0, D)
         gmask = g < G
         bh = (b * HKV + h).to(tl.int64)
         qrow = (b * HKV * G + h * G + g).to(tl.int64)
-        q = tl.load(QRAW + qrow[:, None] * D + dcol[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        q = tl.load(QRAW + qrow[:, None] * D + dcol[None, :], mask=gmask[:, None], other=0.0)  # [GW, D]
+        qT = tl.trans(q.to(WDT))
         kn = tl.load(KNEW + bh * D + dcol).to(tl.float32)
         vn = tl.load(VNEW + bh * D + dcol).to(tl.float32)
         own = n >= st  # a padded row's own token is invisible too
-        s_own = _to_log2(tl.sum(q * kn[None, :], axis=1) * q_scale, softcap, SOFTCAP)
-        m_i = tl.where(own, s_own, float("-inf"))
-        l_i = tl.where(own, 1.0, 0.0) + tl.zeros([GP], tl.float32)
-        acc = tl.where(own, 1.0, 0.0) * vn[None, :] + tl.zeros([GP, D], tl.float32)
+        s_own = _to_log2(tl.sum(q.to(tl.float32) * kn[None, :], axis=1) * q_scale, softcap, SOFTCAP)
+        m_i = tl.where(own & gmask, s_own, float("-inf"))
+        l_i = tl.where(own & gmask, 1.0, 0.0)
+        acc = tl.where(own, 1.0, 0.0) * vn[:, None] + tl.zeros([D, GW], tl.float32)
         for w0 in range(0, R, BW):
             j = w0 + tl.arange(0, BW)
             wrapped = j + R * ((n - 1 - j) // R)
@@ -537,16 +542,26 @@ if _HAS_TRITON:
             if SLIDING:
                 vis = vis & (pos > n - W)
             rows = (bh * R + j)[:, None] * D + dcol[None, :]
-            kw = tl.load(WK + rows, mask=(j < R)[:, None], other=0.0).to(tl.float32)  # [BW, D]
-            s = _to_log2(tl.sum(q[:, None, :] * kw[None, :, :], axis=2) * q_scale, softcap, SOFTCAP)  # [GP, BW]
-            s = tl.where(vis[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            kw = tl.load(WK + rows, mask=(j < R)[:, None], other=0.0).to(WDT)  # [BW, D]
+            if EXACT:
+                s = tl.dot(kw, qT, input_precision="ieee")
+            else:
+                s = tl.dot(kw, qT)
+            s = _to_log2(s * q_scale, softcap, SOFTCAP)
+            s = tl.where(vis[:, None] & gmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            vw = tl.load(WV + rows, mask=(j < R)[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vw[None, :, :], axis=1)
+            p = tl.exp2(s - m_safe[None, :])  # [BW, GW]
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            vT = tl.trans(tl.load(WV + rows, mask=(j < R)[:, None], other=0.0).to(WDT))  # [D, BW]
+            acc = acc * alpha[None, :]
+            if EXACT:
+                acc = tl.dot(vT, p, acc, input_precision="ieee")
+            else:
+                p_hi = p.to(WDT)
+                acc = tl.dot(vT, p_hi, acc)
+                acc = tl.dot(vT, (p - p_hi.to(tl.float32)).to(WDT), acc)
             m_i = m_new
         return acc, m_i, l_i
 
@@ -555,10 +570,10 @@ if _HAS_TRITON:
         Q, QRAW, KC, KS, VC, VS, KCENT, VCENT, WK, WV, KNEW, VNEW, NPTR, START,
         ACC, MAX, SUM, WACC, WMAX, WSUM,
         C, HKV, SPLITS, R, W, q_scale, q_scale_raw, softcap,
-        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+        G: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, D: tl.constexpr,
         KBITS: tl.constexpr, VBITS: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
-        RING: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr, LUT: tl.constexpr,
-        STAGES: tl.constexpr, EARLYV: tl.constexpr,
+        RING: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr, EXACT: tl.constexpr,
+        LUT: tl.constexpr, STAGES: tl.constexpr, EARLYV: tl.constexpr,
     ):
         q_scale = tl.cast(q_scale, tl.float32)
         q_scale_raw = tl.cast(q_scale_raw, tl.float32)
@@ -569,30 +584,32 @@ if _HAS_TRITON:
         h = bh % HKV
         n = tl.load(NPTR).to(tl.int32)  # the layer's tokens: window holds the last min(n, R)
         st = tl.load(START + b).to(tl.int32)
-        g = tl.arange(0, GP)
         dcol = tl.arange(0, D)
-        gmask = g < G
-        hq = (b * HKV * G + h * G + g).to(tl.int64)
-        if sp == SPLITS:
+        if sp == 0:  # first, so that the window programs start in the first wave
+            gw = tl.arange(0, GW)
+            hw = (b * HKV * G + h * G + gw).to(tl.int64)
             acc, m_i, l_i = _window_partial(QRAW, WK, WV, KNEW, VNEW, n, st, b, h, HKV, R, W, q_scale_raw, softcap,
-                                            G, GP, D, BW, SOFTCAP, SLIDING)
-            tl.store(WACC + hq[:, None] * D + dcol[None, :], acc, mask=gmask[:, None])
-            tl.store(WMAX + hq, m_i, mask=gmask)
-            tl.store(WSUM + hq, l_i, mask=gmask)
+                                            G, GW, D, BW, SOFTCAP, SLIDING, EXACT)
+            tl.store(WACC + hw[None, :] * D + dcol[:, None], acc, mask=(gw < G)[None, :])
+            tl.store(WMAX + hw, m_i, mask=gw < G)
+            tl.store(WSUM + hw, l_i, mask=gw < G)
         else:
+            g = tl.arange(0, GP)
+            gmask = g < G
+            hq = (b * HKV * G + h * G + g).to(tl.int64)
             out_acc, m_i, l_i = _history_partial(
-                Q, KC, KS, VC, VS, KCENT, VCENT, tl.maximum(n - R, 0), st, C, b, h, HKV, sp, SPLITS, q_scale,
+                Q, KC, KS, VC, VS, KCENT, VCENT, tl.maximum(n - R, 0), st, C, b, h, HKV, sp - 1, SPLITS, q_scale,
                 softcap, G, GP, D, KBITS, VBITS, BN, RING, SOFTCAP, LUT, STAGES, EARLYV)
-            part = hq * SPLITS + sp
+            part = hq * SPLITS + sp - 1
             tl.store(ACC + part[None, :] * D + dcol[:, None], out_acc, mask=gmask[None, :])
             tl.store(MAX + part, m_i, mask=gmask)
             tl.store(SUM + part, l_i, mask=gmask)
 
     @triton.jit
     def _tq_decode_step_combine_kernel(ACC, MAX, SUM, WACC, WMAX, WSUM, PV, OUT, SPLITS,
-                                       SP: tl.constexpr, D: tl.constexpr, BI: tl.constexpr):
+                                       SP: tl.constexpr, SB: tl.constexpr, D: tl.constexpr, CB: tl.constexpr):
         """One (row, query head): merge the history splits (rotated domain), rotate the sum back
-        (``@ PV``), add the window part, normalise."""
+        (``@ PV``, CB output columns at a time), add the window part, normalise."""
         row = tl.program_id(0).to(tl.int64)
         sidx = tl.arange(0, SP)
         smask = sidx < SPLITS
@@ -607,18 +624,84 @@ if _HAS_TRITON:
         w = tl.where(m > float("-inf"), tl.exp2(m - msafe), 0.0)
         ww = tl.where(mw > float("-inf"), tl.exp2(mw - msafe), 0.0)
         total = tl.sum(w * l, axis=0) + ww * lw
-        dcol = tl.arange(0, D)
-        o = tl.zeros([D], tl.float32)
-        for i0 in tl.static_range(0, D, BI):
-            i = i0 + tl.arange(0, BI)
-            a = tl.load(ACC + (row * SPLITS + sidx)[:, None] * D + i[None, :], mask=smask[:, None], other=0.0)
-            oi = tl.sum(a * w[:, None], axis=0)  # [BI], rotated domain
-            pv = tl.load(PV + i[:, None] * D + dcol[None, :])  # rows i of the rotation
-            o += tl.sum(oi[:, None] * pv, axis=0)
-        o += ww * tl.load(WACC + row * D + dcol)
         denom = tl.where(ok & (total > 0), total, 1.0)
-        o = tl.where(ok, o / denom, 0.0)
-        tl.store(OUT + row * D + dcol, o)
+        drow = tl.arange(0, D)
+        o = tl.zeros([D], tl.float32)
+        for s0 in range(0, SPLITS, SB):  # contiguous [SB, D] tiles of partial accumulators
+            si = s0 + tl.arange(0, SB)
+            mi = tl.load(MAX + row * SPLITS + si, mask=si < SPLITS, other=float("-inf"))
+            wi = tl.where(mi > float("-inf"), tl.exp2(mi - msafe), 0.0)
+            a = tl.load(ACC + (row * SPLITS + si)[:, None] * D + drow[None, :], mask=(si < SPLITS)[:, None], other=0.0)
+            o += tl.sum(a * wi[:, None], axis=0)
+        for c0 in tl.static_range(0, D, CB):
+            c = c0 + tl.arange(0, CB)
+            pv = tl.load(PV + drow[:, None] * D + c[None, :])  # [D, CB]
+            oc = tl.sum(o[:, None] * pv, axis=0) + ww * tl.load(WACC + row * D + c)
+            tl.store(OUT + row * D + c, tl.where(ok, oc / denom, 0.0))
+
+
+    # ------------------------------------------------------------------------------------------
+    # The decode step's store (``store_step``): the token leaving the window is encoded into the
+    # history, and the new token takes its window slot.
+    # ------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _encode_row(x, ROT, THR, CENT, CODES, SCALES, hrow, BITS: tl.constexpr, D: tl.constexpr):
+        """TurboQuant MSE code of one vector ``x [D]`` (float32) into row ``hrow`` of the store:
+        ``y = Pi x / |x|``, index = thresholds below ``y`` (bucketize), scale = ``|x| / |c[idx]|``
+        (norm-corrected), codes packed little-endian within each byte group."""
+        i = tl.arange(0, D)
+        norm = tl.sqrt(tl.sum(x * x, axis=0))
+        rot = tl.load(ROT + i[:, None] * D + i[None, :])  # Pi[j, i]
+        y = tl.sum(rot * x[None, :], axis=1) / tl.where(norm > 0, norm, 1.0)
+        k = tl.arange(0, 16)
+        NT: tl.constexpr = (1 << BITS) - 1
+        thr = tl.load(THR + k, mask=k < NT, other=float("inf"))
+        idx = tl.sum((y[:, None] > thr[None, :]).to(tl.int32), axis=1)  # torch.bucketize(y, thr)
+        c = tl.load(CENT + idx)
+        scale = norm / tl.sqrt(tl.sum(c * c, axis=0))
+        tl.store(SCALES + hrow, scale.to(tl.float16))
+        NB: tl.constexpr = D * BITS // 8
+        base = CODES + hrow * NB
+        if BITS == 4:
+            lo, hi = tl.split(idx.reshape(D // 2, 2))
+            tl.store(base + tl.arange(0, D // 2), (lo | (hi << 4)).to(tl.uint8))
+        elif BITS == 2:
+            a, b = tl.split(idx.reshape(D // 2, 2))
+            a0, a1 = tl.split(a.reshape(D // 4, 2))
+            b0, b1 = tl.split(b.reshape(D // 4, 2))
+            tl.store(base + tl.arange(0, D // 4), (a0 | (b0 << 2) | (a1 << 4) | (b1 << 6)).to(tl.uint8))
+        else:  # 3 bits: groups of 8 codes -> 24-bit words -> 3 bytes
+            sh = (tl.arange(0, 8) * 3)[None, :]
+            word = tl.sum(idx.reshape(D // 8, 8) << sh, axis=1)
+            gi = tl.arange(0, D // 8) * 3
+            tl.store(base + gi, (word & 0xFF).to(tl.uint8))
+            tl.store(base + gi + 1, ((word >> 8) & 0xFF).to(tl.uint8))
+            tl.store(base + gi + 2, ((word >> 16) & 0xFF).to(tl.uint8))
+
+    @triton.jit
+    def _tq_store_step_kernel(
+        WK, WV, KNEW, VNEW, NPTR, KEYSCALE, RK, RV, TK, TV, CK, CV, KC, KS, VC, VS,
+        C, HKV, R,
+        D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, HAS_KEYSCALE: tl.constexpr,
+    ):
+        bh = tl.program_id(0).to(tl.int64)
+        side = tl.program_id(1)
+        n = tl.load(NPTR).to(tl.int64)
+        slot = n % R  # the window slot of position n - R, which the new token takes
+        hrow = bh * C + ((n - R) % C + C) % C  # its history slot (a negative position: a masked slot)
+        i = tl.arange(0, D)
+        wrow = (bh * R + slot) * D + i
+        if side == 0:
+            x = tl.load(WK + wrow).to(tl.float32)
+            if HAS_KEYSCALE:
+                x = x / tl.load(KEYSCALE + (bh % HKV) * D + i)
+            _encode_row(x, RK, TK, CK, KC, KS, hrow, KBITS, D)
+            tl.store(WK + wrow, tl.load(KNEW + bh * D + i))
+        else:
+            x = tl.load(WV + wrow).to(tl.float32)
+            _encode_row(x, RV, TV, CV, VC, VS, hrow, VBITS, D)
+            tl.store(WV + wrow, tl.load(VNEW + bh * D + i))
 
     # ------------------------------------------------------------------------------------------
     # Stage 2: merge the splits of one (batch row, query head).
@@ -775,14 +858,28 @@ def _launch_step(q, q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_
         win_k, win_v, k_new, v_new, n, start,
         acc, mx, sm, wacc, wmx, wsm,
         C, Hkv, splits, int(window), int(sliding or 0), q_scale, q_scale, softcap if softcap else 1.0,
-        G=G, GP=GP, D=d, KBITS=key_bits, VBITS=value_bits, BN=int(config["BLOCK_N"]), BW=8,
-        RING=bool(ring), SOFTCAP=bool(softcap), SLIDING=bool(sliding), LUT=1 if lut == "prmt" else 0,
+        G=G, GP=GP, GW=max(16, triton.next_power_of_2(G)), D=d, KBITS=key_bits, VBITS=value_bits,
+        BN=int(config["BLOCK_N"]), BW=min(64, max(16, triton.next_power_of_2(max(int(window), 1)))),
+        RING=bool(ring), SOFTCAP=bool(softcap), SLIDING=bool(sliding),
+        EXACT=win_k.dtype == torch.float32 or interpreting(), LUT=1 if lut == "prmt" else 0,
         STAGES=int(config["stages"]), EARLYV=bool(config.get("early_v", False)), num_warps=int(config["num_warps"]),
         **({"maxnreg": int(config["maxnreg"])} if config.get("maxnreg") else {}),
     )
     k2 = _tq_decode_step_combine_kernel if wrap is None else wrap(_tq_decode_step_combine_kernel)
     k2[(B * Hq,)](acc, mx, sm, wacc, wmx, wsm, rotation_v, out, splits, SP=max(2, triton.next_power_of_2(splits)),
-                  D=d, BI=8 if d <= 128 else 4, num_warps=4)
+                  SB=8, D=d, CB=64 if d <= 128 else 32, num_warps=4)
+
+
+def _launch_store(win_k, win_v, k_new, v_new, n, key_scale, rotation_k, rotation_v, k_thresholds, v_thresholds,
+                  k_centroids, v_centroids, k_codes, k_scales, v_codes, v_scales, key_bits, value_bits, wrap=None):
+    B, Hkv, R, d = win_k.shape
+    kern = _tq_store_step_kernel if wrap is None else wrap(_tq_store_step_kernel)
+    kern[(B * Hkv, 2)](
+        win_k, win_v, k_new, v_new, n, key_scale if key_scale is not None else rotation_k, rotation_k, rotation_v,
+        k_thresholds, v_thresholds, k_centroids, v_centroids, k_codes, k_scales, v_codes, v_scales,
+        k_codes.shape[2], Hkv, R, D=d, KBITS=key_bits, VBITS=value_bits, HAS_KEYSCALE=key_scale is not None,
+        num_warps=4,
+    )
 
 
 def _default_lut() -> str:
@@ -865,6 +962,33 @@ if _HAS_TRITON:
                      v_new, rotation_v, n, start, out, window, sliding, key_bits, value_bits, scaling, softcap, ring,
                      config, lut, wrap=wrap_triton)
         return out
+
+
+    @triton_op("tqpatch::store_step", mutates_args=("win_k", "win_v", "k_codes", "k_scales", "v_codes", "v_scales"))
+    def _store_step_op(
+        win_k: torch.Tensor,
+        win_v: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        n: torch.Tensor,
+        key_scale: torch.Tensor,
+        has_key_scale: bool,
+        rotation_k: torch.Tensor,
+        rotation_v: torch.Tensor,
+        k_thresholds: torch.Tensor,
+        v_thresholds: torch.Tensor,
+        k_centroids: torch.Tensor,
+        v_centroids: torch.Tensor,
+        k_codes: torch.Tensor,
+        k_scales: torch.Tensor,
+        v_codes: torch.Tensor,
+        v_scales: torch.Tensor,
+        key_bits: int,
+        value_bits: int,
+    ) -> None:
+        _launch_store(win_k, win_v, k_new, v_new, n, key_scale if has_key_scale else None, rotation_k, rotation_v, k_thresholds, v_thresholds,
+                      k_centroids, v_centroids, k_codes, k_scales, v_codes, v_scales, key_bits, value_bits,
+                      wrap=wrap_triton)
 
 
 def decode_attention(
@@ -1036,3 +1160,52 @@ def decode_step(
         return torch.ops.tqpatch.decode_step(*args, *opts)
     with torch.cuda.device(q_rot.device):
         return torch.ops.tqpatch.decode_step(*args, *opts)
+
+
+def store_step(
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    n: torch.Tensor,
+    key_scale: torch.Tensor | None,
+    rotation_k: torch.Tensor,
+    rotation_v: torch.Tensor,
+    k_thresholds: torch.Tensor,
+    v_thresholds: torch.Tensor,
+    k_centroids: torch.Tensor,
+    v_centroids: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    *,
+    key_bits: int,
+    value_bits: int,
+) -> None:
+    """A decode step's store in one launch, in place: the token at position ``n - R`` leaves the
+    window ring (slot ``n % R``) and is encoded into history slot ``(n - R) mod C`` (codes and
+    norm-corrected fp16 scale, what ``TurboQuantQuantizer.encode_indices`` and ``packing.pack``
+    give), then the new token (``k_new, v_new [B, Hkv, d]``) takes that window slot. ``n`` (tokens
+    stored so far) is read on the device and not advanced. ``key_scale [Hkv, d]``: keys are divided
+    by it before encoding (``None``: no smoothing). Needs ``R >= 1``; 2-4 bits, head_dim 64/128/256."""
+    if not (_HAS_TRITON and (win_k.is_cuda or interpreting())):
+        raise RuntimeError("store_step needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+    B, Hkv, R, d = win_k.shape
+    if R < 1 or not serves(key_bits, value_bits, d):
+        raise ValueError(f"store_step takes a window (R={R} >= 1), 2-4 bits ({key_bits}/{value_bits}) and "
+                         f"head_dim 64/128/256 ({d})")
+    f32 = [t.to(torch.float32).contiguous() for t in (rotation_k, rotation_v, k_thresholds, v_thresholds, k_centroids,
+                                                      v_centroids)]
+    ks = f32[0] if key_scale is None else key_scale.to(torch.float32).contiguous()  # f32[0]: unused stand-in
+    args = (win_k, win_v, k_new.reshape(B, Hkv, d).to(win_k.dtype).contiguous(),
+            v_new.reshape(B, Hkv, d).to(win_v.dtype).contiguous(), n.reshape(1), ks, key_scale is not None, *f32,
+            k_codes, k_scales, v_codes, v_scales)
+    if interpreting() and not win_k.is_cuda:
+        _launch_store(*args[:5], None if key_scale is None else ks, *args[7:], key_bits, value_bits)
+        return
+    if torch.compiler.is_compiling():
+        torch.ops.tqpatch.store_step(*args, int(key_bits), int(value_bits))
+        return
+    with torch.cuda.device(win_k.device):
+        torch.ops.tqpatch.store_step(*args, int(key_bits), int(value_bits))
