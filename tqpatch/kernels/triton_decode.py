@@ -588,11 +588,12 @@ if _HAS_TRITON:
         if sp == 0:  # first, so that the window programs start in the first wave
             gw = tl.arange(0, GW)
             hw = (b * HKV * G + h * G + gw).to(tl.int64)
-            acc, m_i, l_i = _window_partial(QRAW, WK, WV, KNEW, VNEW, n, st, b, h, HKV, R, W, q_scale_raw, softcap,
-                                            G, GW, D, BW, SOFTCAP, SLIDING, EXACT)
-            tl.store(WACC + hw[None, :] * D + dcol[:, None], acc, mask=(gw < G)[None, :])
-            tl.store(WMAX + hw, m_i, mask=gw < G)
-            tl.store(WSUM + hw, l_i, mask=gw < G)
+            # (names differ from the other branch's: Triton wants equal types for names both define)
+            w_acc, w_max, w_sum = _window_partial(QRAW, WK, WV, KNEW, VNEW, n, st, b, h, HKV, R, W, q_scale_raw,
+                                                  softcap, G, GW, D, BW, SOFTCAP, SLIDING, EXACT)
+            tl.store(WACC + hw[None, :] * D + dcol[:, None], w_acc, mask=(gw < G)[None, :])
+            tl.store(WMAX + hw, w_max, mask=gw < G)
+            tl.store(WSUM + hw, w_sum, mask=gw < G)
         else:
             g = tl.arange(0, GP)
             gmask = g < G
@@ -859,7 +860,7 @@ def _launch_step(q, q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_
         acc, mx, sm, wacc, wmx, wsm,
         C, Hkv, splits, int(window), int(sliding or 0), q_scale, q_scale, softcap if softcap else 1.0,
         G=G, GP=GP, GW=max(16, triton.next_power_of_2(G)), D=d, KBITS=key_bits, VBITS=value_bits,
-        BN=int(config["BLOCK_N"]), BW=min(64, max(16, triton.next_power_of_2(max(int(window), 1)))),
+        BN=int(config["BLOCK_N"]), BW=16,  # 16-slot window tiles: 160 registers (64-slot: 255, spilling)
         RING=bool(ring), SOFTCAP=bool(softcap), SLIDING=bool(sliding),
         EXACT=win_k.dtype == torch.float32 or interpreting(), LUT=1 if lut == "prmt" else 0,
         STAGES=int(config["stages"]), EARLYV=bool(config.get("early_v", False)), num_warps=int(config["num_warps"]),
