@@ -230,12 +230,13 @@ def test_decode_step_matches_reference(kb, vb, d, G, R, ring, softcap, sliding, 
             _poison_allocator(dev)
         out = td.decode_step(*args, key_bits=kb, value_bits=vb, scaling=d ** -0.5, softcap=softcap, ring=ring,
                              sliding=sliding, config={"splits": splits} if splits else None)
-        assert out.shape == (B, G * Hkv, d) and out.dtype == torch.float32
+        assert out.shape == (B, G * Hkv, d) and out.dtype == q16.dtype
+        out = out.float()
         assert not torch.isnan(out).any(), "unwritten (NaN) outputs"
         empty = ref.abs().sum(-1) == 0
         assert torch.all(out[empty] == 0)
         err = ((out.double() - ref).norm() / ref.norm()).item()
-        assert err < 1e-3, f"splits={splits}: relative error {err:.2e}"
+        assert err < 5e-3, f"splits={splits}: relative error {err:.2e}"  # the output is bf16 (2^-9 rounding)
 
 
 @pytest.mark.gpu

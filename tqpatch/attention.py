@@ -349,7 +349,7 @@ def _decode_kernel_applies(layer: TurboQuantLayer, q: torch.Tensor) -> bool:
 
 def _decode_kernel_attention(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The decode step's attention (history codes, window, own token) in two Triton launches;
-    float32 ``[B, Hq, 1, d]``."""
+    ``[B, Hq, 1, d]`` in ``q``'s dtype."""
     from .kernels import triton_decode
 
     p = layer.plan

@@ -638,7 +638,7 @@ if _HAS_TRITON:
             c = c0 + tl.arange(0, CB)
             pv = tl.load(PV + drow[:, None] * D + c[None, :])  # [D, CB]
             oc = tl.sum(o[:, None] * pv, axis=0) + ww * tl.load(WACC + row * D + c)
-            tl.store(OUT + row * D + c, tl.where(ok, oc / denom, 0.0))
+            tl.store(OUT + row * D + c, tl.where(ok, oc / denom, 0.0).to(OUT.dtype.element_ty))
 
 
     # ------------------------------------------------------------------------------------------
@@ -868,7 +868,7 @@ def _launch_step(q, q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_
     )
     k2 = _tq_decode_step_combine_kernel if wrap is None else wrap(_tq_decode_step_combine_kernel)
     k2[(B * Hq,)](acc, mx, sm, wacc, wmx, wsm, rotation_v, out, splits, SP=max(2, triton.next_power_of_2(splits)),
-                  SB=8, D=d, CB=64 if d <= 128 else 32, num_warps=4)
+                  SB=32 if d <= 128 else 16, D=d, CB=64 if d <= 128 else 32, num_warps=4)
 
 
 def _launch_store(win_k, win_v, k_new, v_new, n, key_scale, rotation_k, rotation_v, k_thresholds, v_thresholds,
@@ -957,7 +957,7 @@ if _HAS_TRITON:
         lut: str,
     ) -> torch.Tensor:
         B, Hq, d = q_rot.shape
-        out = torch.empty((B, Hq, d), device=q_rot.device, dtype=torch.float32)
+        out = torch.empty((B, Hq, d), device=q_rot.device, dtype=q.dtype)
         config = {"BLOCK_N": block_n, "num_warps": num_warps, "splits": splits, "stages": stages, "maxnreg": maxnreg}
         _launch_step(q, q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, win_k, win_v, k_new,
                      v_new, rotation_v, n, start, out, window, sliding, key_bits, value_bits, scaling, softcap, ring,
@@ -1124,7 +1124,7 @@ def decode_step(
         sliding: sliding-window size (0: off): keys at positions ``<= n - sliding`` are invisible.
 
     Returns:
-        ``float32 [B, Hq, d]`` attention output in the model's basis.
+        ``[B, Hq, d]`` attention output in the model's basis, in ``q``'s dtype.
     """
     if not (_HAS_TRITON and (q_rot.is_cuda or interpreting())):
         raise RuntimeError("decode_step needs Triton and a CUDA device (or TRITON_INTERPRET=1); "
@@ -1154,7 +1154,7 @@ def decode_step(
             bool(ring), int(cfg["BLOCK_N"]), int(cfg["num_warps"]), int(cfg["splits"]), int(cfg["stages"]),
             int(cfg.get("maxnreg") or 0), str(lut))
     if interpreting() and not q_rot.is_cuda:
-        out = torch.empty((B, Hq, d), dtype=torch.float32)
+        out = torch.empty((B, Hq, d), dtype=q.dtype)
         _launch_step(*args, out, R, sliding, key_bits, value_bits, scaling, softcap, ring, cfg, lut)
         return out
     if compiling:
