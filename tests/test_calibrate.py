@@ -84,6 +84,15 @@ def test_allocation_uses_outlier_splits_for_fractional_budgets(target):
     assert all(ob in (0, b + 1) for k, v in alloc for b, ob in (k, v))
 
 
+def test_hadamard_calibration_offers_no_outlier_splits():
+    """Splits need the Haar rotation (their parts are rarely powers of two), so a Hadamard
+    calibration must not offer them (it used to build one and fail)."""
+    from tqpatch.calibrate import _outlier_count
+
+    assert _outlier_count(CalibrationConfig(), 64) == 16
+    assert _outlier_count(CalibrationConfig(rotation="hadamard"), 64) == 0
+
+
 def test_budget_below_the_cheapest_allocation_is_an_error():
     meas = _synthetic(4, random.Random(1))
     with pytest.raises(ValueError, match="raise target_bits"):

@@ -119,7 +119,10 @@ class CalibrationConfig:
 
 def _outlier_count(cfg: CalibrationConfig, d: int) -> int:
     """Channels a split gives ``b + 1`` bits: ``outlier_fraction * d`` rounded to a multiple of 8
-    (whole bytes at every width), or 0 when splits are off or the head is too small."""
+    (whole bytes at every width), or 0 when splits are off, the head is too small or the rotation is
+    Hadamard (a split's parts are rarely powers of two: splits need the Haar rotation)."""
+    if cfg.rotation != "haar":
+        return 0
     n = 8 * round(cfg.outlier_fraction * d / 8)
     return n if 8 <= n <= d - 8 else 0
 
