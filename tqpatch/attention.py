@@ -15,6 +15,11 @@ the rotated domain, and the window rotated into it) and the chunk itself go thro
 SDPA kernels (flash attention on CUDA and CPU) with their log-sum-exp, so the score matrix is never
 materialised and a dequantized tile of at most ``_FUSED_TILE`` slots is the only transient.
 
+One-token steps of TurboQuant layers on CUDA run all three parts in the Triton decode step
+(:func:`tqpatch.kernels.triton_decode.decode_step`, two launches) and the store in one more
+(:func:`~tqpatch.kernels.triton_decode.store_step`); the torch code below is their reference and
+serves every other case.
+
 Then the tokens that leave the window (positions ``P-R .. P+Q-R-1``) are encoded, once, into the
 history store, and the chunk's last tokens enter the window. Masks come from positions: padding
 (``pos < start[b]``), causality, and sliding windows (``pos <= q_pos - W`` is invisible).

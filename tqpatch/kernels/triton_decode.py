@@ -40,6 +40,16 @@ log-sum-exp <= 5e-4 for logits up to ~20; with logits up to ~40 the log-sum-exp 
 
 The op is registered as ``tqpatch::decode_attention`` with :func:`torch.library.triton_op`, so it
 can sit inside a ``torch.compile(fullgraph=True, mode="reduce-overhead")`` graph.
+
+What a patched model's decode step runs (three launches per layer, ``results/h200/notes.md``):
+
+* :func:`decode_step` (``tqpatch::decode_step``): the history splits above plus one program per
+  (row, KV head), launched first, for the full-precision window ring and the new token's own key;
+  its stage 2 merges the history splits in the rotated domain, rotates the sum back once, adds the
+  window part and writes the output in the model's dtype.
+* :func:`store_step` (``tqpatch::store_step``): the token leaving the window is encoded into its
+  history slot (rotation, norm, bucketize, norm-corrected fp16 scale, packing) and the new token
+  takes its window slot.
 This module imports without Triton (CPU-only installs); :func:`decode_attention` then falls back to
 the reference.
 """
