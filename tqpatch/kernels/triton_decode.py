@@ -105,7 +105,6 @@ def interpreting() -> bool:
     return _INTERPRET and _HAS_TRITON
 
 
-
 if _HAS_TRITON:
 
     # ------------------------------------------------------------------------------------------
@@ -579,14 +578,13 @@ if _HAS_TRITON:
     def _tq_decode_step_kernel(
         Q, QRAW, KC, KS, VC, VS, KCENT, VCENT, WK, WV, KNEW, VNEW, NPTR, START,
         ACC, MAX, SUM, WACC, WMAX, WSUM,
-        C, HKV, SPLITS, R, W, q_scale, q_scale_raw, softcap,
+        C, HKV, SPLITS, R, W, q_scale, softcap,
         G: tl.constexpr, GP: tl.constexpr, GW: tl.constexpr, D: tl.constexpr,
         KBITS: tl.constexpr, VBITS: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
         RING: tl.constexpr, SOFTCAP: tl.constexpr, SLIDING: tl.constexpr, EXACT: tl.constexpr,
         LUT: tl.constexpr, STAGES: tl.constexpr, EARLYV: tl.constexpr,
     ):
         q_scale = tl.cast(q_scale, tl.float32)
-        q_scale_raw = tl.cast(q_scale_raw, tl.float32)
         softcap = tl.cast(softcap, tl.float32)
         bh = tl.program_id(0)
         sp = tl.program_id(1)
@@ -599,7 +597,7 @@ if _HAS_TRITON:
             gw = tl.arange(0, GW)
             hw = (b * HKV * G + h * G + gw).to(tl.int64)
             # (names differ from the other branch's: Triton wants equal types for names both define)
-            w_acc, w_max, w_sum = _window_partial(QRAW, WK, WV, KNEW, VNEW, n, st, b, h, HKV, R, W, q_scale_raw,
+            w_acc, w_max, w_sum = _window_partial(QRAW, WK, WV, KNEW, VNEW, n, st, b, h, HKV, R, W, q_scale,
                                                   softcap, G, GW, D, BW, SOFTCAP, SLIDING, EXACT)
             tl.store(WACC + hw[None, :] * D + dcol[:, None], w_acc, mask=(gw < G)[None, :])
             tl.store(WMAX + hw, w_max, mask=gw < G)
@@ -649,7 +647,6 @@ if _HAS_TRITON:
             pv = tl.load(PV + drow[:, None] * D + c[None, :])  # [D, CB]
             oc = tl.sum(o[:, None] * pv, axis=0) + ww * tl.load(WACC + row * D + c)
             tl.store(OUT + row * D + c, tl.where(ok, oc / denom, 0.0).to(OUT.dtype.element_ty))
-
 
     # ------------------------------------------------------------------------------------------
     # The decode step's store (``store_step``): the token leaving the window is encoded into the
@@ -868,7 +865,7 @@ def _launch_step(q, q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_
         q_rot, q, k_codes.view(torch.int32), k_scales, v_codes.view(torch.int32), v_scales, k_centroids, v_centroids,
         win_k, win_v, k_new, v_new, n, start,
         acc, mx, sm, wacc, wmx, wsm,
-        C, Hkv, splits, int(window), int(sliding or 0), q_scale, q_scale, softcap if softcap else 1.0,
+        C, Hkv, splits, int(window), int(sliding or 0), q_scale, softcap if softcap else 1.0,
         G=G, GP=GP, GW=max(16, triton.next_power_of_2(G)), D=d, KBITS=key_bits, VBITS=value_bits,
         BN=int(config["BLOCK_N"]), BW=16,  # 16-slot window tiles: 160 registers (64-slot: 255, spilling)
         RING=bool(ring), SOFTCAP=bool(softcap), SLIDING=bool(sliding),
@@ -881,14 +878,16 @@ def _launch_step(q, q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_
                   SB=32 if d <= 128 else 16, D=d, CB=64 if d <= 128 else 32, num_warps=4)
 
 
-def _launch_store(win_k, win_v, k_new, v_new, n, key_scale, rotation_k, rotation_v, k_thresholds, v_thresholds,
-                  k_centroids, v_centroids, k_codes, k_scales, v_codes, v_scales, key_bits, value_bits, wrap=None):
+def _launch_store(win_k, win_v, k_new, v_new, n, key_scale, has_key_scale, rotation_k, rotation_v, k_thresholds,
+                  v_thresholds, k_centroids, v_centroids, k_codes, k_scales, v_codes, v_scales, key_bits, value_bits,
+                  wrap=None):
+    """The launch of :func:`store_step` (``key_scale`` is read only when ``has_key_scale``)."""
     B, Hkv, R, d = win_k.shape
     kern = _tq_store_step_kernel if wrap is None else wrap(_tq_store_step_kernel)
     kern[(B * Hkv, 2)](
-        win_k, win_v, k_new, v_new, n, key_scale if key_scale is not None else rotation_k, rotation_k, rotation_v,
+        win_k, win_v, k_new, v_new, n, key_scale, rotation_k, rotation_v,
         k_thresholds, v_thresholds, k_centroids, v_centroids, k_codes, k_scales, v_codes, v_scales,
-        k_codes.shape[2], Hkv, R, D=d, KBITS=key_bits, VBITS=value_bits, HAS_KEYSCALE=key_scale is not None,
+        k_codes.shape[2], Hkv, R, D=d, KBITS=key_bits, VBITS=value_bits, HAS_KEYSCALE=bool(has_key_scale),
         num_warps=4,
     )
 
@@ -974,7 +973,6 @@ if _HAS_TRITON:
                      config, lut, wrap=wrap_triton)
         return out
 
-
     @triton_op("tqpatch::store_step", mutates_args=("win_k", "win_v", "k_codes", "k_scales", "v_codes", "v_scales"))
     def _store_step_op(
         win_k: torch.Tensor,
@@ -997,9 +995,36 @@ if _HAS_TRITON:
         key_bits: int,
         value_bits: int,
     ) -> None:
-        _launch_store(win_k, win_v, k_new, v_new, n, key_scale if has_key_scale else None, rotation_k, rotation_v, k_thresholds, v_thresholds,
-                      k_centroids, v_centroids, k_codes, k_scales, v_codes, v_scales, key_bits, value_bits,
-                      wrap=wrap_triton)
+        _launch_store(win_k, win_v, k_new, v_new, n, key_scale, has_key_scale, rotation_k, rotation_v, k_thresholds,
+                      v_thresholds, k_centroids, v_centroids, k_codes, k_scales, v_codes, v_scales, key_bits,
+                      value_bits, wrap=wrap_triton)
+
+
+def _launch_config(q_rot: torch.Tensor, k_codes: torch.Tensor, key_bits: int, value_bits: int,
+                   overrides: dict | None) -> dict:
+    """:func:`default_config` for these shapes and this device, with ``overrides``; under
+    torch.compile without the register cap (a launch option it cannot pass on)."""
+    B, _, d = q_rot.shape
+    Hkv, C = k_codes.shape[1], k_codes.shape[2]
+    compiling = torch.compiler.is_compiling()
+    cfg = default_config(B, Hkv, C, d, key_bits, value_bits, _sm_count(q_rot.device) if q_rot.is_cuda else 132,
+                         register_cap=not compiling)
+    if overrides:
+        cfg.update(overrides)
+    if compiling:
+        cfg["maxnreg"] = 0
+    return cfg
+
+
+def _run_op(op, device: torch.device, args: tuple):
+    """Call a registered op. Inside torch.compile, Inductor's generated code sets the device itself;
+    eager, Triton launches on the *current* device, so a layer on another GPU than the current one
+    (accelerate's device_map) would run there and read its cache over peer access: launch under
+    the tensors' device."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with torch.cuda.device(device):
+        return op(*args)
 
 
 def decode_attention(
@@ -1051,14 +1076,7 @@ def decode_attention(
         )
         return out.squeeze(2), lse.squeeze(2)
     B, Hq, d = q_rot.shape
-    Hkv, C = k_codes.shape[1], k_codes.shape[2]
-    compiling = torch.compiler.is_compiling()
-    cfg = default_config(B, Hkv, C, d, key_bits, value_bits, _sm_count(q_rot.device) if q_rot.is_cuda else 132,
-                         register_cap=not compiling)
-    if config:
-        cfg.update(config)
-    if compiling:
-        cfg["maxnreg"] = 0  # not a kernel argument torch.compile can pass on
+    cfg = _launch_config(q_rot, k_codes, key_bits, value_bits, config)
     lut = lut or _default_lut()
     q_rot = q_rot.to(torch.float32).contiguous()
     n = n.reshape(1).to(torch.int32)
@@ -1081,12 +1099,7 @@ def decode_attention(
         int(cfg["BLOCK_N"]), int(cfg["num_warps"]), int(cfg["splits"]), int(cfg["stages"]),
         bool(cfg.get("early_v", False)), int(cfg.get("maxnreg") or 0), str(lut),
     )
-    if compiling:  # Inductor's generated code sets the device itself
-        return torch.ops.tqpatch.decode_attention(*args)
-    # Eager: Triton launches on the *current* device. A layer on another GPU than the current one
-    # (accelerate's device_map) would otherwise run there and read its cache over peer access.
-    with torch.cuda.device(q_rot.device):
-        return torch.ops.tqpatch.decode_attention(*args)
+    return _run_op(torch.ops.tqpatch.decode_attention, q_rot.device, args)
 
 
 def decode_step(
@@ -1142,17 +1155,10 @@ def decode_step(
     _check(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n.reshape(1), start.reshape(-1),
            key_bits, value_bits)
     B, Hq, d = q_rot.shape
-    Hkv, C = k_codes.shape[1], k_codes.shape[2]
-    R = win_k.shape[2]
+    Hkv, R = k_codes.shape[1], win_k.shape[2]
     if tuple(win_k.shape) != (B, Hkv, R, d) or tuple(win_v.shape) != (B, Hkv, R, d):
         raise ValueError(f"window tensors must be [B, Hkv, R, d] = {(B, Hkv, R, d)}")
-    compiling = torch.compiler.is_compiling()
-    cfg = default_config(B, Hkv, C, d, key_bits, value_bits, _sm_count(q_rot.device) if q_rot.is_cuda else 132,
-                         register_cap=not compiling)
-    if config:
-        cfg.update(config)
-    if compiling:
-        cfg["maxnreg"] = 0
+    cfg = _launch_config(q_rot, k_codes, key_bits, value_bits, config)
     lut = lut or _default_lut()
     args = [q.reshape(B, Hq, d).contiguous(), q_rot.to(torch.float32).contiguous(), k_codes.contiguous(),
             k_scales.contiguous(), v_codes.contiguous(), v_scales.contiguous(),
@@ -1167,10 +1173,7 @@ def decode_step(
         out = torch.empty((B, Hq, d), dtype=q.dtype)
         _launch_step(*args, out, R, sliding, key_bits, value_bits, scaling, softcap, ring, cfg, lut)
         return out
-    if compiling:
-        return torch.ops.tqpatch.decode_step(*args, *opts)
-    with torch.cuda.device(q_rot.device):
-        return torch.ops.tqpatch.decode_step(*args, *opts)
+    return _run_op(torch.ops.tqpatch.decode_step, q_rot.device, (*args, *opts))
 
 
 def store_step(
@@ -1213,10 +1216,6 @@ def store_step(
             v_new.reshape(B, Hkv, d).to(win_v.dtype).contiguous(), n.reshape(1), ks, key_scale is not None, *f32,
             k_codes, k_scales, v_codes, v_scales)
     if interpreting() and not win_k.is_cuda:
-        _launch_store(*args[:5], None if key_scale is None else ks, *args[7:], key_bits, value_bits)
+        _launch_store(*args, key_bits, value_bits)
         return
-    if torch.compiler.is_compiling():
-        torch.ops.tqpatch.store_step(*args, int(key_bits), int(value_bits))
-        return
-    with torch.cuda.device(win_k.device):
-        torch.ops.tqpatch.store_step(*args, int(key_bits), int(value_bits))
+    _run_op(torch.ops.tqpatch.store_step, win_k.device, (*args, int(key_bits), int(value_bits)))
