@@ -13,7 +13,6 @@ step with calls per layer and microseconds), and the Inductor output code of the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -87,17 +86,16 @@ def main() -> int:
     args = ap.parse_args()
 
     import tqpatch
-    from transformers import AutoModelForCausalLM, StaticCache
-    from tqpatch.bench import (MODEL_SHAPES, _cleanup, _first_calls, _step_fn, _step_inputs, environment, fill_random,
-                               set_length, BenchConfig)
+    from transformers import StaticCache
+    from tqpatch.bench import (MODEL_SHAPES, _cleanup, _fill_static, _first_calls, _step_fn, _step_inputs, build_model,
+                               environment, fill_random, set_length, BenchConfig)
     from tqpatch.cache import TurboQuantCache
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
-    shape = dataclasses.replace(MODEL_SHAPES["llama-3.1-8b"], layers=args.layers)
-    with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(shape.config(), dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    shape = MODEL_SHAPES["llama-3.1-8b"]
+    model = build_model("llama-3.1-8b", dev, torch.bfloat16, layers=args.layers)
     batches = [int(x) for x in args.batches.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
     env = environment(BenchConfig(out=str(out), commit=args.commit, device=args.device, command="python " + " ".join(sys.argv)))
@@ -131,9 +129,7 @@ def main() -> int:
             cache = StaticCache(config=model.config, max_cache_len=c + 256)
             with torch.no_grad():
                 model(tok, position_ids=pos, past_key_values=cache, use_cache=True)
-            for layer in cache.layers:
-                layer.keys.normal_()
-                layer.values.normal_()
+            _fill_static(cache, c)
             pos.fill_(c)
             _cleanup(dev, reset_dynamo=True)
             step = torch.compile(_step_fn(model, cache), fullgraph=True, mode="reduce-overhead")

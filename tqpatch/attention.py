@@ -278,7 +278,6 @@ def _history_part(layer: TurboQuantLayer, q: torch.Tensor, q_pos: torch.Tensor) 
     if layer.capacity == 0:
         return None
     n_hist = (layer.n - p.window).clamp(min=0)
-    B, Hq, Q, d = q.shape
     sliding = p.sliding_window or 0
     if p.quantized:
         q_rot = _rotate_queries(layer, q)

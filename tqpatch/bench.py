@@ -424,11 +424,13 @@ def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def build_model(name: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A randomly initialised model of shape ``MODEL_SHAPES[name]``, built on ``device`` directly."""
+def build_model(name: str, device: torch.device, dtype: torch.dtype | None = None,
+                layers: int | None = None) -> torch.nn.Module:
+    """A randomly initialised model of shape ``MODEL_SHAPES[name]`` (with only ``layers`` decoder
+    layers when given), built on ``device`` directly."""
     from transformers import AutoModelForCausalLM
 
-    shape = MODEL_SHAPES[name]
+    shape = MODEL_SHAPES[name] if layers is None else dataclasses.replace(MODEL_SHAPES[name], layers=layers)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = shape.config()
     with torch.device(device):
