@@ -209,7 +209,30 @@ _STEP_CASES = [
 def test_decode_step_matches_reference(kb, vb, d, G, R, ring, softcap, sliding, n, starts, C, dtype):
     """bf16 model: 16-bit window dots, bf16 output (its rounding, 2^-9, sets the tolerance);
     float32 model: exact window dots and a float32 output, held to 1e-3 like the history kernel."""
-    dev = _kernel_device()
+    _check_step(_kernel_device(), kb, vb, d, G, R, ring, softcap, sliding, n, starts, C, dtype, {"gluon_bnw": 0})
+
+
+_GLUON_CASES = [  # 4-bit keys and values, d <= 128, G <= 8 (what the Gluon history kernel takes)
+    (4, 4, 128, 4, 64, False, 0.0, 0, 900, [0, 13], 1000),
+    (4, 4, 64, 8, 16, True, 20.0, 50, 500, [0, 100], 200),      # ring, softcap, sliding window
+    (4, 4, 128, 7, 0, False, 0.0, 0, 333, [0, 332], 400),       # no window; a row sees one token
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bnw", [16, 32])
+@pytest.mark.parametrize("kb,vb,d,G,R,ring,softcap,sliding,n,starts,C", _GLUON_CASES)
+def test_decode_step_gluon_history_matches_reference(kb, vb, d, G, R, ring, softcap, sliding, n, starts, C, bnw):
+    """The decode step with its history splits in the Gluon kernel (tqpatch/kernels/gluon_decode.py)."""
+    from tqpatch.kernels import gluon_decode
+
+    if not gluon_decode.available():
+        pytest.skip("the Gluon kernel needs Triton's Gluon and a CUDA device (no interpreter)")
+    _check_step(torch.device("cuda"), kb, vb, d, G, R, ring, softcap, sliding, n, starts, C, torch.bfloat16,
+                {"gluon_bnw": bnw})
+
+
+def _check_step(dev, kb, vb, d, G, R, ring, softcap, sliding, n, starts, C, dtype, extra):
     Hkv = 2
     B = len(starts)
     g = torch.Generator().manual_seed(hash((kb, vb, d, G, R, n)) % 10000)
@@ -231,8 +254,9 @@ def test_decode_step_matches_reference(kb, vb, d, G, R, ring, softcap, sliding, 
     for splits in (1, 4, None):
         if dev.type == "cuda":
             _poison_allocator(dev)
+        cfg = dict(extra, **({"splits": splits} if splits else {}))
         out = td.decode_step(*args, key_bits=kb, value_bits=vb, scaling=d ** -0.5, softcap=softcap, ring=ring,
-                             sliding=sliding, config={"splits": splits} if splits else None)
+                             sliding=sliding, config=cfg)
         assert out.shape == (B, G * Hkv, d) and out.dtype == q16.dtype
         out = out.float()
         assert not torch.isnan(out).any(), "unwritten (NaN) outputs"

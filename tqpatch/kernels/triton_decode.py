@@ -716,7 +716,10 @@ if _HAS_TRITON:
     # ------------------------------------------------------------------------------------------
 
     @triton.jit
-    def _tq_decode_combine_kernel(ACC, MAX, SUM, OUT, LSE, SPLITS, SP: tl.constexpr, D: tl.constexpr):
+    def _tq_decode_combine_kernel(ACC, MAX, SUM, OUT, LSE, SPLITS, SP: tl.constexpr, D: tl.constexpr,
+                                  SB: tl.constexpr):
+        # Partials of one query row: maxima and sums over all SP slots, the accumulators in tiles of SB
+        # splits (SP = splits * warps can reach a few hundred with the Gluon kernel).
         row = tl.program_id(0).to(tl.int64)
         sidx = tl.arange(0, SP)
         smask = sidx < SPLITS
@@ -728,8 +731,13 @@ if _HAS_TRITON:
         w = tl.where(m > float("-inf"), tl.exp2(m - msafe), 0.0)
         total = tl.sum(w * l, axis=0)
         dcol = tl.arange(0, D)
-        a = tl.load(ACC + (row * SPLITS + sidx)[:, None] * D + dcol[None, :], mask=smask[:, None], other=0.0)
-        o = tl.sum(a * w[:, None], axis=0)
+        o = tl.zeros([D], tl.float32)
+        for s0 in tl.static_range(0, SP, SB):
+            si = s0 + tl.arange(0, SB)
+            mi = tl.load(MAX + row * SPLITS + si, mask=si < SPLITS, other=float("-inf"))
+            wi = tl.where(mi > float("-inf"), tl.exp2(mi - msafe), 0.0)
+            a = tl.load(ACC + (row * SPLITS + si)[:, None] * D + dcol[None, :], mask=(si < SPLITS)[:, None], other=0.0)
+            o += tl.sum(a * wi[:, None], axis=0)
         denom = tl.where(ok, total, 1.0)
         o = tl.where(ok, o / denom, 0.0)
         lse = tl.where(ok, (msafe + tl.log2(denom)) * 0.6931471805599453, float("-inf"))
@@ -839,29 +847,40 @@ def _launch(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroid
         **({"maxnreg": int(config["maxnreg"])} if config.get("maxnreg") else {}),
     )
     k2 = _tq_decode_combine_kernel if wrap is None else wrap(_tq_decode_combine_kernel)
-    k2[(B * Hq,)](acc, mx, sm, out, lse, splits, SP=max(2, triton.next_power_of_2(splits)), D=d, num_warps=4)
+    sp2 = max(2, triton.next_power_of_2(splits))
+    k2[(B * Hq,)](acc, mx, sm, out, lse, splits, SP=sp2, D=d, SB=min(sp2, 32 if d <= 128 else 16), num_warps=4)
 
 
 def _launch_step(q, q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, win_k, win_v, k_new,
                  v_new, rotation_v, n, start, out, window, sliding, key_bits, value_bits, scaling, softcap, ring,
                  config, lut, wrap=None):
-    """Both launches of :func:`decode_step` (``wrap``: torch.library.wrap_triton)."""
+    """The launches of :func:`decode_step` (``wrap``: torch.library.wrap_triton). With
+    ``config["gluon_bnw"]`` the history splits run in the Gluon kernel (:mod:`.gluon_decode`, its
+    own op) and this kernel runs only the window programs."""
     B, Hq, d = q_rot.shape
     Hkv, C = k_codes.shape[1], k_codes.shape[2]
     G = Hq // Hkv
     GP = max(8, triton.next_power_of_2(G))
     splits = int(config["splits"])
     dev = q_rot.device
-    acc = torch.empty((B * Hq * splits * d,), device=dev, dtype=torch.float32)
-    mx = torch.empty((B * Hq * splits,), device=dev, dtype=torch.float32)
-    sm = torch.empty((B * Hq * splits,), device=dev, dtype=torch.float32)
+    softcap = float(softcap or 0.0)
+    q_scale = float(scaling) * (1.0 if softcap else _LOG2E)
+    bnw = int(config.get("gluon_bnw") or 0)
+    if bnw:
+        acc, mx, sm = torch.ops.tqpatch.gluon_history(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids,
+                                                      v_centroids, n, start, int(window), splits, bnw, q_scale,
+                                                      softcap, bool(ring))
+        grid_splits, splits = 0, splits * 4  # the kernel below: window programs only; 4 warps' partials per split
+    else:
+        grid_splits = splits
+        acc = torch.empty((B * Hq * splits * d,), device=dev, dtype=torch.float32)
+        mx = torch.empty((B * Hq * splits,), device=dev, dtype=torch.float32)
+        sm = torch.empty((B * Hq * splits,), device=dev, dtype=torch.float32)
     wacc = torch.empty((B * Hq * d,), device=dev, dtype=torch.float32)
     wmx = torch.empty((B * Hq,), device=dev, dtype=torch.float32)
     wsm = torch.empty((B * Hq,), device=dev, dtype=torch.float32)
-    softcap = float(softcap or 0.0)
-    q_scale = float(scaling) * (1.0 if softcap else _LOG2E)
     k1 = _tq_decode_step_kernel if wrap is None else wrap(_tq_decode_step_kernel)
-    k1[(B * Hkv, splits + 1)](
+    k1[(B * Hkv, grid_splits + 1)](
         q_rot, q, k_codes.view(torch.int32), k_scales, v_codes.view(torch.int32), v_scales, k_centroids, v_centroids,
         win_k, win_v, k_new, v_new, n, start,
         acc, mx, sm, wacc, wmx, wsm,
@@ -964,10 +983,12 @@ if _HAS_TRITON:
         stages: int,
         maxnreg: int,
         lut: str,
+        gluon_bnw: int,
     ) -> torch.Tensor:
         B, Hq, d = q_rot.shape
         out = torch.empty((B, Hq, d), device=q_rot.device, dtype=q.dtype)
-        config = {"BLOCK_N": block_n, "num_warps": num_warps, "splits": splits, "stages": stages, "maxnreg": maxnreg}
+        config = {"BLOCK_N": block_n, "num_warps": num_warps, "splits": splits, "stages": stages, "maxnreg": maxnreg,
+                  "gluon_bnw": gluon_bnw}
         _launch_step(q, q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, win_k, win_v, k_new,
                      v_new, rotation_v, n, start, out, window, sliding, key_bits, value_bits, scaling, softcap, ring,
                      config, lut, wrap=wrap_triton)
@@ -1134,6 +1155,8 @@ def decode_step(
     Stage 1 runs the history splits of :func:`decode_attention` plus one more program per (row, KV
     head) for the window ring and the new token (float32, model basis); stage 2 merges the history
     splits in the rotated domain, applies ``rotation_v`` once, adds the window part and normalises.
+    For 4-bit keys and values at batch x KV heads >= 64 the history splits run in the Gluon kernel
+    (:mod:`.gluon_decode`) instead, a third launch (``config={"gluon_bnw": 0}`` turns it off).
 
     Args:
         q: ``[B, Hq, d]`` queries in the model's basis (any float dtype); ``q_rot``: the same in the
@@ -1145,6 +1168,7 @@ def decode_step(
         n: tokens stored so far (one integer; the new token's position), on the device.
         start: ``[B]`` first non-padding position of each row.
         sliding: sliding-window size (0: off): keys at positions ``<= n - sliding`` are invisible.
+        config: launch overrides, as in :func:`decode_attention`, and ``gluon_bnw`` (0: off).
 
     Returns:
         ``[B, Hq, d]`` attention output in the model's basis, in ``q``'s dtype.
@@ -1159,6 +1183,14 @@ def decode_step(
     if tuple(win_k.shape) != (B, Hkv, R, d) or tuple(win_v.shape) != (B, Hkv, R, d):
         raise ValueError(f"window tensors must be [B, Hkv, R, d] = {(B, Hkv, R, d)}")
     cfg = _launch_config(q_rot, k_codes, key_bits, value_bits, config)
+    C = k_codes.shape[2]
+    if interpreting():
+        cfg["gluon_bnw"] = 0  # Gluon has no interpreter
+    elif "gluon_bnw" not in cfg:  # the Gluon history kernel where measured faster (its step_config)
+        gcfg = gluon_decode.step_config(B, Hkv, C, d, Hq // Hkv, key_bits, value_bits, _sm_count(q_rot.device))
+        cfg["gluon_bnw"] = gcfg["bnw"] if gcfg else 0
+    if cfg["gluon_bnw"] and not (config and "splits" in config):
+        cfg["splits"] = gluon_decode.default_splits(B, Hkv, C, _sm_count(q_rot.device), bnw=cfg["gluon_bnw"])
     lut = lut or _default_lut()
     args = [q.reshape(B, Hq, d).contiguous(), q_rot.to(torch.float32).contiguous(), k_codes.contiguous(),
             k_scales.contiguous(), v_codes.contiguous(), v_scales.contiguous(),
@@ -1168,7 +1200,7 @@ def decode_step(
             start.reshape(B)]
     opts = (int(R), int(sliding or 0), int(key_bits), int(value_bits), float(scaling), float(softcap or 0.0),
             bool(ring), int(cfg["BLOCK_N"]), int(cfg["num_warps"]), int(cfg["splits"]), int(cfg["stages"]),
-            int(cfg.get("maxnreg") or 0), str(lut))
+            int(cfg.get("maxnreg") or 0), str(lut), int(cfg["gluon_bnw"]))
     if interpreting() and not q_rot.is_cuda:
         out = torch.empty((B, Hq, d), dtype=q.dtype)
         _launch_step(*args, out, R, sliding, key_bits, value_bits, scaling, softcap, ring, cfg, lut)
@@ -1219,3 +1251,6 @@ def store_step(
         _launch_store(*args, key_bits, value_bits)
         return
     _run_op(torch.ops.tqpatch.store_step, win_k.device, (*args, int(key_bits), int(value_bits)))
+
+
+from . import gluon_decode  # noqa: E402  (the Gluon history kernel and its op; imports this module)
