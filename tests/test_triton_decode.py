@@ -232,6 +232,35 @@ def test_decode_step_gluon_history_matches_reference(kb, vb, d, G, R, ring, soft
                 {"gluon_bnw": bnw})
 
 
+@pytest.mark.gpu
+def test_decode_step_gluon_history_compiled_cuda_graph():
+    """The Gluon history op inside torch.compile(fullgraph, CUDA graphs) equals the eager call."""
+    from tqpatch.kernels import gluon_decode
+
+    if not gluon_decode.available():
+        pytest.skip("the Gluon kernel needs Triton's Gluon and a CUDA device (no interpreter)")
+    B, G, Hkv, d, C, R = 8, 4, 8, 128, 2048, 32
+    q, kc, ks, vc, vs, kcent, vcent, _, st = _inputs(B, G * Hkv, Hkv, C, d, 4, 4, 1500, [0] * B, "cuda", seed=3)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    rot_v = torch.linalg.qr(torch.randn(d, d, generator=g, device="cuda", dtype=torch.float64))[0].float()
+    wk, wv = (torch.randn(B, Hkv, R, d, generator=g, device="cuda").bfloat16() for _ in range(2))
+    kn, vn = (torch.randn(B, Hkv, d, generator=g, device="cuda").bfloat16() for _ in range(2))
+    n = torch.tensor(1500, device="cuda")
+    q16 = q.bfloat16()
+
+    def step(q_rot, n):
+        return td.decode_step(q16, q_rot, kc, ks, vc, vs, kcent, vcent, wk, wv, kn, vn, rot_v, n, st.long(),
+                              key_bits=4, value_bits=4, scaling=d ** -0.5, config={"gluon_bnw": 32})
+
+    fn = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+    for nv in (1500, 1501, 2000):
+        n.fill_(nv)
+        for _ in range(2):
+            out = fn(q, n).clone()
+        ref = step(q, n)
+        assert torch.equal(out, ref), f"n={nv}: compiled != eager"
+
+
 def _check_step(dev, kb, vb, d, G, R, ring, softcap, sliding, n, starts, C, dtype, extra):
     Hkv = 2
     B = len(starts)
