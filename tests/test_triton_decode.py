@@ -382,3 +382,22 @@ def test_store_step_matches_torch_store(kb, vb, d, key_scale, monkeypatch):
             assert differ < 2e-3 and (ia.long() - ib.long()).abs().max() <= 1, f"{side}: {differ:.2e} of codes differ"
             torch.testing.assert_close(getattr(layer, f"{side}_scales"), getattr(ref, f"{side}_scales"), rtol=2e-3,
                                        atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,k,n,transposed", [(32, 128, 128, True), (256, 128, 128, False), (7, 64, 64, True),
+                                                 (40, 256, 256, True)])
+def test_rows_matmul_matches_float64(rows, k, n, transposed):
+    """The decode step's rotations (tqpatch/kernels/rows.py): x @ m in float32 vs float64, m also as
+    a transposed view (how the layers pass Pi^T)."""
+    from tqpatch.kernels import rows as rk
+
+    dev = _kernel_device()
+    g = torch.Generator().manual_seed(rows + k)
+    x = torch.randn(rows, k, generator=g) * 3
+    m = torch.linalg.qr(torch.randn(max(k, n), max(k, n), generator=g, dtype=torch.float64))[0][:k, :n].float()
+    mm = m.T.contiguous().T if transposed else m
+    y = rk.rows_matmul(x.to(dev), mm.to(dev)).cpu()
+    ref = x.double() @ m.double()
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6

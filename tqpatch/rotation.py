@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from .kernels import rows as _rows_kernel
+
 __all__ = ["RotationKind", "haar_matrix", "hadamard_matrix", "rotation_matrix", "fwht", "rotate", "unrotate"]
 
 RotationKind = Literal["haar", "hadamard"]
@@ -89,14 +91,19 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 def matmul_rows(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``x @ m`` over all leading rows of ``x`` (float32 in, float32 out).
 
-    Eager: one 2-D GEMM. Under ``torch.compile`` with few rows (a decode step: one token's heads),
-    a broadcast multiply-and-sum that Inductor fuses into its neighbours: cuBLAS picks a float32
-    kernel that takes 52 us for ``[8, 128] @ [128, 128]`` on an H100 (64 of them were 3.3 ms of
-    an 8B decode step; ``tools/profile_store.py``), and batched single-row matmuls are as slow.
+    Eager: one 2-D GEMM. Under ``torch.compile`` with few rows (a decode step: one token's heads):
+    on CUDA with Triton, :func:`tqpatch.kernels.rows.rows_matmul` (exact float32, one small launch);
+    otherwise a broadcast multiply-and-sum that Inductor fuses into its neighbours. cuBLAS picks a
+    float32 kernel that takes 52 us for ``[8, 128] @ [128, 128]`` on an H100 (64 of them were
+    3.3 ms of an 8B decode step; ``tools/profile_store.py``), and Inductor's reduction took 14 us
+    per layer for 256 rows on an H200 (``results/h200/notes.md``).
     """
     rows = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling() and rows.shape[0] <= _FUSED_ROWS:
-        out = (rows.unsqueeze(-1) * m.unsqueeze(0)).sum(1)
+        if rows.is_cuda and _rows_kernel.available() and _rows_kernel.serves(*m.shape):
+            out = _rows_kernel.rows_matmul(rows, m)
+        else:
+            out = (rows.unsqueeze(-1) * m.unsqueeze(0)).sum(1)
     else:
         out = rows @ m
     return out.reshape(*x.shape[:-1], m.shape[-1])
