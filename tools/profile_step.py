@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 import shutil
 import sys
 from pathlib import Path
@@ -38,7 +39,9 @@ def _kernels(prof, layers: int, cuda: bool) -> list[dict]:
     return rows
 
 
-def _profile(step, tok, pos, layers: int) -> tuple[float, list[dict]]:
+def _profile(step, tok, pos, layers: int) -> tuple[float, float | None, list[dict]]:
+    """ms per step (timed with a sync per step), host ms per step (20 calls queued without waiting
+    for the GPU: what the CPU spends per step; None off CUDA) and the kernel table."""
     from tqpatch.bench import _mark_step, time_steps
 
     def call():
@@ -46,6 +49,14 @@ def _profile(step, tok, pos, layers: int) -> tuple[float, list[dict]]:
         step(tok, pos)
 
     ms = time_steps(call, tok.device, iters=30, warmup=3)["ms"]
+    host = None
+    if tok.is_cuda:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            call()
+        host = (time.perf_counter() - t0) / 20 * 1e3
+        torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU]
     if tok.is_cuda:
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -54,7 +65,7 @@ def _profile(step, tok, pos, layers: int) -> tuple[float, list[dict]]:
             call()
         if tok.is_cuda:
             torch.cuda.synchronize()
-    return ms, _kernels(prof, layers, tok.is_cuda)
+    return ms, host, _kernels(prof, layers, tok.is_cuda)
 
 
 def _output_code(dest: Path) -> str | None:
@@ -117,8 +128,8 @@ def main() -> int:
             for c in contexts:
                 set_length(cache, c)
                 pos.fill_(c)
-                ms, kernels = _profile(step, tok, pos, args.layers)
-                result["points"].append(dict(method=f"tq{args.bits}", batch=B, context=c, ms=ms,
+                ms, host, kernels = _profile(step, tok, pos, args.layers)
+                result["points"].append(dict(method=f"tq{args.bits}", batch=B, context=c, ms=ms, host_ms=host,
                                              compile_s=round(compile_s, 1), kernels=kernels))
                 print(f"tq{args.bits} B={B} T={c}: {ms:.3f} ms/step (compile {compile_s:.0f} s)", flush=True)
         del cache, step
@@ -135,8 +146,9 @@ def main() -> int:
             step = torch.compile(_step_fn(model, cache), fullgraph=True, mode="reduce-overhead")
             with torch.no_grad():
                 compile_s, _ = _first_calls(step, tok, pos, dev)
-                ms, kernels = _profile(step, tok, pos, args.layers)
-            result["points"].append(dict(method="static", batch=B, context=c, ms=ms, compile_s=round(compile_s, 1),
+                ms, host, kernels = _profile(step, tok, pos, args.layers)
+            result["points"].append(dict(method="static", batch=B, context=c, ms=ms, host_ms=host,
+                                         compile_s=round(compile_s, 1),
                                          kernels=kernels))
             print(f"static B={B} T={c}: {ms:.3f} ms/step", flush=True)
             del cache, step
@@ -147,9 +159,13 @@ def main() -> int:
              f"- card: {env.get('card')}; torch {env.get('torch')}, triton {env.get('triton')}, "
              f"transformers {env.get('transformers')}", f"- commit: {env.get('git_commit')}",
              f"- command: `{result['command']}`", "",
-             "| method | B | context | ms/step | ms/step per layer |", "|---|---|---|---|---|"]
+             "| method | B | context | ms/step | ms/step per layer | host ms/step | GPU kernel ms/step |",
+             "|---|---|---|---|---|---|---|"]
     for p in result["points"]:
-        lines.append(f"| {p['method']} | {p['batch']} | {p['context']} | {p['ms']:.3f} | {p['ms'] / args.layers:.3f} |")
+        host = "-" if p.get("host_ms") is None else f"{p['host_ms']:.3f}"
+        gpu = sum(k["us_per_step"] for k in p["kernels"]) / 1e3
+        lines.append(f"| {p['method']} | {p['batch']} | {p['context']} | {p['ms']:.3f} | {p['ms'] / args.layers:.3f} | "
+                     f"{host} | {gpu:.3f} |")
     for p in result["points"]:
         lines += ["", f"## {p['method']} B={p['batch']} T={p['context']}: kernels of one step", "",
                   "| kernel | calls/layer | us/call | us/step |", "|---|---|---|---|"]
