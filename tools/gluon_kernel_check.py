@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -26,11 +27,10 @@ from tqpatch.kernels.reference import history_attention  # noqa: E402
 def check(gen) -> list[dict]:
     rows = []
     Hkv, C = 2, 300
-    for d, G, ring, softcap, bnw, pf in [(128, 4, False, 0.0, 16, True), (128, 4, False, 0.0, 16, False),
-                                         (128, 4, True, 0.0, 32, False), (64, 4, False, 0.0, 16, True),
-                                         (256, 4, False, 0.0, 16, False), (128, 7, True, 0.0, 16, True),
-                                         (128, 8, False, 20.0, 16, True), (64, 1, True, 30.0, 16, True),
-                                         (256, 2, False, 0.0, 16, False)]:
+    cases = [(128, 4, False, 0.0, 16, True), (128, 4, False, 0.0, 16, False), (128, 4, True, 0.0, 32, False),
+             (64, 4, False, 0.0, 16, True), (256, 4, False, 0.0, 16, False), (128, 7, True, 0.0, 16, True),
+             (128, 8, False, 20.0, 16, True), (64, 1, True, 30.0, 16, True), (256, 2, False, 0.0, 16, False)]
+    for d, G, ring, softcap, bnw, pf in tqdm(cases, desc="check", leave=False):
         scen = [(3, 250, [0, 17, 249]), (2, 37, [0, 40]), (1, 0, [0])]
         scen += [(2, 777, [0, 600]), (2, C, [5, 0])] if ring else [(2, C, [0, 299])]
         worst = [0.0, 0.0]
@@ -55,9 +55,10 @@ def check(gen) -> list[dict]:
                         le = ((lse[~empty] - rl[~empty]).abs() / rl[~empty].abs().clamp_min(1)).max().item()
                         worst = [max(worst[0], e), max(worst[1], le)]
         ok = ok and worst[0] < 1e-3 and worst[1] < 1e-3
-        rows.append(dict(d=d, G=G, ring=ring, softcap=softcap, bnw=bnw, prefetch=pf, rel_err_out=worst[0], rel_err_lse=worst[1], ok=ok))
-        print(f"check d={d} G={G} ring={ring} softcap={softcap} bnw={bnw} pf={pf}: out {worst[0]:.2e} lse {worst[1]:.2e} "
-              f"{'OK' if ok else 'FAIL'}", flush=True)
+        rows.append(dict(d=d, G=G, ring=ring, softcap=softcap, bnw=bnw, prefetch=pf, rel_err_out=worst[0],
+                         rel_err_lse=worst[1], ok=ok))
+        print(f"check d={d} G={G} ring={ring} softcap={softcap} bnw={bnw} pf={pf}: out {worst[0]:.2e} "
+              f"lse {worst[1]:.2e} {'OK' if ok else 'FAIL'}", flush=True)
     return rows
 
 
@@ -66,7 +67,8 @@ VARIANTS = [(16, True), (16, False), (32, False)]
 
 def timing(gen) -> list[dict]:
     rows = []
-    for B, T in [(1, 8192), (1, 32768), (8, 8192), (8, 32768), (32, 32768), (8, 131072)]:
+    for B, T in tqdm([(1, 8192), (1, 32768), (8, 8192), (8, 32768), (32, 32768), (8, 131072)], desc="timing",
+                     leave=False):
         inputs = bench.kernel_inputs(B, T, 4, gen)
         q, kc, ks, vc, vs, kcent, vcent, n, st = inputs
         nbytes = bench.kernel_bytes(B, bench.HKV, T, bench.D, 4, 4)
@@ -106,7 +108,8 @@ def main() -> None:
     res["copy"] = bench.copy_bandwidth()
     print("copy", res["copy"], flush=True)
     res["check"] = check(gen)
-    res["triton_check"] = bench.kernel_check(cases=[(4, 4, 128, 4, False, 0.0, "prmt"), (3, 2, 64, 7, True, 0.0, "prmt")])
+    res["triton_check"] = bench.kernel_check(cases=[(4, 4, 128, 4, False, 0.0, "prmt"),
+                                                    (3, 2, 64, 7, True, 0.0, "prmt")])
     print("triton kernel check", [(r["max_rel_err_out"], r["ok"]) for r in res["triton_check"]], flush=True)
     res["timing"] = timing(gen)
     out = Path(a.out)
@@ -117,7 +120,8 @@ def main() -> None:
              f"Command: `{res['command']}`, commit {a.commit}, torch {res['torch']}, triton {res['triton']}. "
              f"Copy bandwidth {cbw:.0f} GB/s. Hq 32 / Hkv 8 / d 128, CUDA-graph replays, median µs "
              "(each includes the split-merge launch).", "",
-             "| B | T | Gluon µs (best variant) | Triton µs | SDPA bf16 µs | Gluon / SDPA | Gluon % copy | Triton % copy |",
+             "| B | T | Gluon µs (best variant) | Triton µs | SDPA bf16 µs | Gluon / SDPA | Gluon % copy | "
+             "Triton % copy |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["timing"]:
         sd = r["sdpa_us"]

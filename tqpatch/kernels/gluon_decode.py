@@ -6,25 +6,31 @@ CTA-wide barrier each time (seven per 64-slot block): the loop is latency-bound
 (``results/h100/kernel_notes.md``). Gluon lets the kernel name its layouts, so here every tensor of
 the loop is built in the register layout the ``mma.sync`` (m16n8k16) instruction reads:
 
-* each warp owns its own 16 slots of every 64-slot block and its own online softmax (the batch
-  axis of the 3-D layouts is the warp), so the loop has no barrier and no shared memory; the four
-  warps' partials are written as four splits and merged by the usual combine kernel;
-* scores ``S^T [16, 16] = Q [16, d] . K^T [d, 16]``: rows 0..7 of ``Q`` hold the high fp16 parts of
-  the (up to 8) queries of the KV head, rows 8..15 the low parts (the score of query ``g`` is
+* each warp owns its own ``BNW`` (16 or 32) slots of every block of ``4 * BNW`` and its own online
+  softmax (the batch axis of the 3-D layouts is the warp), so the loop has no barrier and no shared
+  memory; the four warps' partials are written as four splits and merged by the usual combine
+  kernel;
+* scores ``S^T [16, BNW] = Q [16, d] . K^T [d, BNW]``: rows 0..7 of ``Q`` hold the high fp16 parts
+  of the (up to 8) queries of the KV head, rows 8..15 the low parts (the score of query ``g`` is
   ``S[g] + S[g + 8] / 2048``, both in one thread). Each thread's share of ``K^T`` is 4-bit codes
-  of one slot at 32 coordinates: the coordinates are permuted (``pi_K``) so that these are 16
-  contiguous bytes of the packed row, read with one 16-byte load and expanded with the ``prmt``
+  of one slot at ``d / 4`` coordinates: the coordinates are permuted (``pi_K``) so that these are
+  contiguous bytes of the packed row (one 16-byte load at d = 128), expanded with the ``prmt``
   routine of :mod:`.triton_decode` directly into the operand registers. The query is loaded in the
   same permuted order (a dot product does not care about the order of its terms);
-* ``O^T [16, d] += P^T [16, 16] . V [16, d]``: ``P^T`` comes from the score accumulator's
-  registers unchanged (rows = queries, as in FlashAttention-2); ``V``'s operand pairs two slots per
-  register, so a second ``prmt`` routine expands the words of two slots at once into
-  ``(slot 2i, slot 2i+1)`` pairs. Its coordinates are permuted too (``pi_V``: each thread reads 8
-  contiguous bytes per slot) and the output is written back in natural order.
+* ``O [d, 8] += V^T [d, BNW] . P [BNW, 8]``: ``P`` is the score accumulator's registers as they are
+  (the thread holding query ``g``'s scores of slots ``2c, 2c+1, 2c+8, 2c+9`` is the one the operand
+  wants them in); ``V^T``'s operand pairs two slots per register, so a second ``prmt`` routine
+  expands the words of two slots at once into ``(slot 2i, slot 2i+1)`` pairs. Its coordinates are
+  permuted too (``pi_V``: each thread reads 8 contiguous bytes per slot at d = 128) and the output
+  is written back in natural order.
 
 Precision is that of the Triton kernel (fp16 operands, fp32 accumulation, the query split in two
 fp16 parts). :func:`history_partials` computes the same split partials as the Triton kernel's
 stage 1, so the same combine kernels merge them.
+
+Measured on an H200 (``results/h200/gluon_kernel_h200.md``, analysis in ``results/h200/notes.md``):
+0.75-0.82x the Triton kernel's time from B x Hkv = 64 up, slower at B = 1; the loop is bound by
+the integer pipe that runs the code expansion (2.7 ``prmt``/``lop3`` per code).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import logging
 
 import torch
 
-__all__ = ["available", "serves", "history_partials"]
+__all__ = ["available", "decode_attention", "default_splits", "history_partials", "serves", "step_config"]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +56,8 @@ except Exception:  # pragma: no cover - depends on the environment
     _HAS_GLUON = False
     log.debug("triton.experimental.gluon is not importable: the Gluon decode kernel is off")
 
-_W = 4  # warps per program, each its own 16-slot share of every 64-slot block
-_BNW = 16
+_W = 4  # warps per program, each its own BNW-slot share of every block of 4 * BNW slots
+_BNW = 16  # the default share (the decode step picks 32: step_config)
 
 
 def available() -> bool:
@@ -257,18 +263,18 @@ if _HAS_GLUON:
 
         # K words [W, 4*NWT, BNW] (layout: LK without its code axis) and their tables operand.
         LKW: gl.constexpr = gl.SliceLayout(2, LK)
-        kw_w = gl.expand_dims(gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, LKW))), 1), 2)
-        kw_i = gl.expand_dims(gl.expand_dims(gl.arange(0, 4 * NWT, layout=gl.SliceLayout(0, gl.SliceLayout(2, LKW))), 0), 2)
-        kw_n = gl.expand_dims(gl.expand_dims(gl.arange(0, BNW, layout=gl.SliceLayout(0, gl.SliceLayout(1, LKW))), 0), 1)
+        kw_w = _idx3(W, 0, LKW)
+        kw_i = _idx3(4 * NWT, 1, LKW)
+        kw_n = _idx3(BNW, 2, LKW)
         ke = gl.expand_dims(gl.expand_dims(gl.expand_dims(
             gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LK)))), 0), 1), 3)
         ktab = (_pick8(ke, kt0, kt1, kt2, kt3, kt4, kt5, kt6, kt7)).broadcast_to(W, 4 * NWT, 8, BNW)
 
         # V words [W, NW, BNW/2] per slot of a pair (layout: LV without its code and slot axes).
         LVW: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, LV))
-        vw_w = gl.expand_dims(gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, LVW))), 1), 2)
-        vw_i = gl.expand_dims(gl.expand_dims(gl.arange(0, NW, layout=gl.SliceLayout(0, gl.SliceLayout(2, LVW))), 0), 2)
-        vw_p = gl.expand_dims(gl.expand_dims(gl.arange(0, BNW // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, LVW))), 0), 1)
+        vw_w = _idx3(W, 0, LVW)
+        vw_i = _idx3(NW, 1, LVW)
+        vw_p = _idx3(BNW // 2, 2, LVW)
         LVE: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(4, LV)))  # [8, 2]
         ve_j = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(1, LVE)), 1)
         ve_s = gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, LVE)), 0)
@@ -358,17 +364,20 @@ if _HAS_GLUON:
 
 
 def history_partials(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n, start,
-                     acc, mx, sm, splits: int, q_scale: float, softcap: float, ring: bool, wrap=None,
+                     acc, mx, sm, splits: int, q_scale: float, softcap: float, ring: bool,
                      bnw: int = _BNW, prefetch: bool = True, maxnreg: int = 0, nsub: int = 0) -> int:
     """Launch the Gluon history kernel: writes ``splits * 4`` partials per query head (one per
     split and warp) into ``acc [B*Hq*splits*4*d]``, ``mx``, ``sm`` (log2 units, unnormalised), the
     layout the combine kernels of :mod:`.triton_decode` read with ``SPLITS = splits * 4``. The
     history holds ``max(n - nsub, 0)`` tokens (``nsub``: the decode step's window ring).
+    Arguments are those of :func:`decode_attention` after its conversions (float32 ``q_rot``,
+    contiguous codes and scales, int32 ``n [1]`` and ``start [B]``); ``q_scale`` includes
+    ``log2(e)`` unless ``softcap``; ``bnw`` slots per warp and block (16 or 32), ``prefetch``: the
+    next block's loads issued before this block's work (``maxnreg``: a register cap, 0: none).
     Returns the number of partials per query head."""
     B, Hq, d = q_rot.shape
     Hkv, C = k_codes.shape[1], k_codes.shape[2]
-    kern = _gl_history_kernel if wrap is None else wrap(_gl_history_kernel)
-    kern[(B * Hkv, splits)](
+    _gl_history_kernel[(B * Hkv, splits)](
         q_rot, k_codes.view(torch.int32), k_scales, v_codes.view(torch.int32), v_scales, k_centroids, v_centroids,
         n, start, acc, mx, sm, C, Hkv, splits, int(nsub), float(q_scale), float(softcap) if softcap else 1.0,
         G=Hq // Hkv, D=d, BNW=bnw, RING=bool(ring), SOFTCAP=bool(softcap), PREFETCH=bool(prefetch), num_warps=_W,
@@ -388,14 +397,18 @@ def default_splits(batch: int, kv_heads: int, capacity: int, sm_count: int = 132
 def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n, start, *,
                      scaling: float, softcap: float = 0.0, ring: bool = False, splits: int | None = None,
                      bnw: int = _BNW, prefetch: bool = True, maxnreg: int = 0):
-    """Same contract as :func:`tqpatch.kernels.triton_decode.decode_attention` for the shapes
-    :func:`serves` accepts (eager launch: the Gluon history kernel, then the Triton combine)."""
+    """Same contract as :func:`tqpatch.kernels.triton_decode.decode_attention` (``(out_rot float32
+    [B, Hq, d], lse float32 [B, Hq])``) for the shapes :func:`serves` accepts, on CUDA; eager: the
+    Gluon history kernel, then the Triton split merge. ``splits``: programs per (row, KV head)
+    (default :func:`default_splits`); ``bnw``, ``prefetch``, ``maxnreg``: see
+    :func:`history_partials`."""
     from .triton_decode import _LOG2E, _tq_decode_combine_kernel
 
     B, Hq, d = q_rot.shape
     Hkv, C = k_codes.shape[1], k_codes.shape[2]
     if not serves(k_codes.shape[-1] * 8 // d, v_codes.shape[-1] * 8 // d, d, Hq // Hkv):
-        raise ValueError("the Gluon kernel takes 4-bit keys and values, d in {64, 128, 256}, <= 8 query heads per KV head")
+        raise ValueError("the Gluon kernel takes 4-bit keys and values, d in {64, 128, 256} and at most 8 query "
+                         "heads per KV head; use tqpatch.kernels.triton_decode.decode_attention")
     splits = splits or default_splits(B, Hkv, C, bnw=bnw)
     parts = splits * _W
     dev = q_rot.device
@@ -420,8 +433,8 @@ def step_config(batch: int, kv_heads: int, capacity: int, head_dim: int, group: 
                 value_bits: int, sm_count: int = 132) -> dict | None:
     """Whether the decode step's history part runs here, and how: ``{"bnw", "splits"}`` or None.
 
-    Measured on an H200 (results/h200/gluon_kernel.md): 32-slot warp shares without prefetch were
-    fastest from B*Hkv = 64 up (0.68-0.78x the Triton kernel's time); with fewer (row, KV head)
+    Measured on an H200 (results/h200/gluon_kernel_h200.md): 32-slot warp shares without prefetch
+    were fastest from B*Hkv = 64 up (0.75-0.82x the Triton kernel's time); with fewer (row, KV head)
     pairs (B = 1) the Triton kernel was faster, and d = 256 needs 243 registers here (not measured),
     so those stay with Triton."""
     if not (available() and serves(key_bits, value_bits, head_dim, group) and head_dim <= 128
