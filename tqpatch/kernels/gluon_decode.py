@@ -50,6 +50,7 @@ try:  # Gluon ships with Triton >= 3.5; CPU-only installs have neither.
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     from .triton_decode import _ASM4_SRC, _one_line
+    from .triton_decode import _split_blocks as _split_blocks_tl
 
     _HAS_GLUON = True
 except Exception:  # pragma: no cover - depends on the environment
@@ -109,6 +110,7 @@ if _HAS_GLUON:
         + _ASMV_HALF.format(mx="0xFBEA", o0=4, o1=5, o2=6, o3=7)
         + " }"
     )
+    _split_blocks = gluon.jit(_split_blocks_tl.fn)  # the Triton kernel's helper, scalars only
     _ASMK = gl.constexpr(_one_line(_ASM4_SRC))
     _ASMV = gl.constexpr(_one_line(_ASMV_SRC))
     _CONSK = gl.constexpr("=r,=r,=r,=r" + ",r" * 16)
@@ -220,17 +222,8 @@ if _HAS_GLUON:
         n = gl.maximum(gl.load(NPTR).to(gl.int32) - NSUB, 0)  # history tokens (NSUB: those in a window)
         st = gl.load(START + b).to(gl.int32)
 
-        # The slot range of this split: whole 64-slot blocks, as in the Triton kernel.
-        filled = gl.minimum(n, C)
-        if RING:
-            lo = 0
-        else:
-            lo = gl.minimum(gl.maximum(st, 0), filled)
-        blk_first = lo // BN
-        blk_end = (filled + BN - 1) // BN
-        per = (blk_end - blk_first + SPLITS - 1) // SPLITS
-        b0 = blk_first + sp * per
-        b1 = gl.minimum(b0 + per, blk_end)
+        # The slot range of this split: whole blocks of BN slots, as in the Triton kernel.
+        filled, b0, b1 = _split_blocks(n, st, C, sp, SPLITS, BN, RING)
         row0 = bh.to(gl.int64) * C
 
         # Queries as the A operand, coordinates in pi_K order: logical k = 16t + 8x + 2c + y

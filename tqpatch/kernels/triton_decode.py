@@ -379,15 +379,10 @@ if _HAS_TRITON:
         return s
 
     @triton.jit
-    def _history_partial(
-        Q, KC, KS, VC, VS, KCENT, VCENT, n, st, C, b, h, HKV, sp, SPLITS, q_scale, softcap,
-        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
-        BN: tl.constexpr, RING: tl.constexpr, SOFTCAP: tl.constexpr, LUT: tl.constexpr, STAGES: tl.constexpr,
-        EARLYV: tl.constexpr,
-    ):
-        """Split ``sp`` of the history of (row ``b``, KV head ``h``), ``n`` tokens ever written to it:
-        returns the unnormalised rotated-domain accumulator ``[D, GP]``, the running max and sum
-        ``[GP]`` (log2 units)."""
+    def _split_blocks(n, st, C, sp, SPLITS, BN: tl.constexpr, RING: tl.constexpr):
+        """Slots filled (``min(n, C)``) and the blocks ``[b0, b1)`` of ``BN`` slots that split ``sp``
+        of ``SPLITS`` reads: whole blocks from the first one a row can see (``st``; all of a ring).
+        Also called from the Gluon kernel (re-jitted there)."""
         filled = tl.minimum(n, C)
         if RING:
             lo = 0
@@ -398,6 +393,19 @@ if _HAS_TRITON:
         per = (blk_end - blk_first + SPLITS - 1) // SPLITS
         b0 = blk_first + sp * per
         b1 = tl.minimum(b0 + per, blk_end)
+        return filled, b0, b1
+
+    @triton.jit
+    def _history_partial(
+        Q, KC, KS, VC, VS, KCENT, VCENT, n, st, C, b, h, HKV, sp, SPLITS, q_scale, softcap,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+        BN: tl.constexpr, RING: tl.constexpr, SOFTCAP: tl.constexpr, LUT: tl.constexpr, STAGES: tl.constexpr,
+        EARLYV: tl.constexpr,
+    ):
+        """Split ``sp`` of the history of (row ``b``, KV head ``h``), ``n`` tokens ever written to it:
+        returns the unnormalised rotated-domain accumulator ``[D, GP]``, the running max and sum
+        ``[GP]`` (log2 units)."""
+        filled, b0, b1 = _split_blocks(n, st, C, sp, SPLITS, BN, RING)
         bh = b * HKV + h
 
         # Queries of this KV head, [GP, D]; rows >= G are padding (zeros).
