@@ -49,7 +49,7 @@ try:  # Gluon ships with Triton >= 3.5; CPU-only installs have neither.
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from .triton_decode import _ASM4_SRC, _one_line
+    from .triton_decode import _ASM4_SRC, _lookup4, _one_line
     from .triton_decode import _split_blocks as _split_blocks_tl
 
     _HAS_GLUON = True
@@ -78,37 +78,21 @@ if _HAS_GLUON:
     # one of _ASM4_SRC (selectors s = x & 0x77777777, bit 3 of each code picks the table half
     # through a sign-replicated byte mask); two more prmt per output pair the slots.
     # Operands: x = $8 (x16), y = $24 (x16), table words L0..L3, H0..H3 = $40..$47.
-    _ASMV_HALF = """
-    prmt.b32 m, x4, $8, {mx};
-    prmt.b32 a0, $40, $41, s;
-    prmt.b32 a1, $42, $43, s;
-    prmt.b32 b0, $44, $45, s;
-    prmt.b32 b1, $46, $47, s;
-    lop3.b32 la, a0, a1, m, 0xD8;
-    lop3.b32 ha, b0, b1, m, 0xD8;
-    prmt.b32 m, y4, $24, {mx};
-    prmt.b32 a0, $40, $41, t;
-    prmt.b32 a1, $42, $43, t;
-    prmt.b32 b0, $44, $45, t;
-    prmt.b32 b1, $46, $47, t;
-    lop3.b32 lb, a0, a1, m, 0xD8;
-    lop3.b32 hb, b0, b1, m, 0xD8;
-    prmt.b32 u, la, ha, 0x5140;
-    prmt.b32 v, lb, hb, 0x5140;
-    prmt.b32 ${o0}, u, v, 0x5410;
-    prmt.b32 ${o1}, u, v, 0x7632;
-    prmt.b32 u, la, ha, 0x7362;
-    prmt.b32 v, lb, hb, 0x7362;
-    prmt.b32 ${o2}, u, v, 0x5410;
-    prmt.b32 ${o3}, u, v, 0x7632;
-    """
+    def _asmv_half(mask: str, outs: tuple[int, int, int, int]) -> str:
+        # codes 0-3 (mask 0xD9C8) or 4-7 (0xFBEA, selectors shifted down first) of both words
+        return (_lookup4("$8", "x4", mask, "s", 40, "la", "ha") + _lookup4("$24", "y4", mask, "t", 40, "lb", "hb")
+                + "prmt.b32 u, la, ha, 0x5140; prmt.b32 v, lb, hb, 0x5140; "
+                f"prmt.b32 ${outs[0]}, u, v, 0x5410; prmt.b32 ${outs[1]}, u, v, 0x7632; "
+                "prmt.b32 u, la, ha, 0x7362; prmt.b32 v, lb, hb, 0x7362; "
+                f"prmt.b32 ${outs[2]}, u, v, 0x5410; prmt.b32 ${outs[3]}, u, v, 0x7632; ")
+
     _ASMV_SRC = (
         "{ .reg .b32 s, t, x4, y4, m, a0, a1, b0, b1, la, ha, lb, hb, u, v;"
-        " and.b32 s, $8, 0x77777777; and.b32 t, $24, 0x77777777; shl.b32 x4, $8, 4; shl.b32 y4, $24, 4;"
-        + _ASMV_HALF.format(mx="0xD9C8", o0=0, o1=1, o2=2, o3=3)
-        + " shr.u32 s, s, 16; shr.u32 t, t, 16;"
-        + _ASMV_HALF.format(mx="0xFBEA", o0=4, o1=5, o2=6, o3=7)
-        + " }"
+        " and.b32 s, $8, 0x77777777; and.b32 t, $24, 0x77777777; shl.b32 x4, $8, 4; shl.b32 y4, $24, 4; "
+        + _asmv_half("0xD9C8", (0, 1, 2, 3))
+        + "shr.u32 s, s, 16; shr.u32 t, t, 16; "
+        + _asmv_half("0xFBEA", (4, 5, 6, 7))
+        + "}"
     )
     _split_blocks = gluon.jit(_split_blocks_tl.fn)  # the Triton kernel's helper, scalars only
     _ASMK = gl.constexpr(_one_line(_ASM4_SRC))

@@ -148,32 +148,22 @@ if _HAS_TRITON:
     # of code 2j, bit 7 of byte j of x is bit 3 of code 2j+1); two more prmt interleave the low and
     # high bytes into fp16 pairs. Outputs $0..$3 = (c0,c1),(c2,c3),(c4,c5),(c6,c7).
     # Operands: x = $4 (x8), table words L0..L3, H0..H3 = $12..$19.
-    _ASM4_SRC = """
-    {
-    .reg .b32 s, x4, m, a0, a1, b0, b1, l, h;
-    and.b32 s, $4, 0x77777777;
-    shl.b32 x4, $4, 4;
-    prmt.b32 m, x4, $4, 0xD9C8;
-    prmt.b32 a0, $12, $13, s;
-    prmt.b32 a1, $14, $15, s;
-    prmt.b32 b0, $16, $17, s;
-    prmt.b32 b1, $18, $19, s;
-    lop3.b32 l, a0, a1, m, 0xD8;
-    lop3.b32 h, b0, b1, m, 0xD8;
-    prmt.b32 $0, l, h, 0x5140;
-    prmt.b32 $1, l, h, 0x7362;
-    shr.u32 s, s, 16;
-    prmt.b32 m, x4, $4, 0xFBEA;
-    prmt.b32 a0, $12, $13, s;
-    prmt.b32 a1, $14, $15, s;
-    prmt.b32 b0, $16, $17, s;
-    prmt.b32 b1, $18, $19, s;
-    lop3.b32 l, a0, a1, m, 0xD8;
-    lop3.b32 h, b0, b1, m, 0xD8;
-    prmt.b32 $2, l, h, 0x5140;
-    prmt.b32 $3, l, h, 0x7362;
-    }
-    """
+    def _lookup4(x: str, x4: str, mask: str, sel: str, tab: int, lo: str, hi: str) -> str:
+        """PTX: the low (``lo``) and high (``hi``) centroid bytes of the 4 codes whose selectors are
+        the low 16 bits of ``sel`` (``mask``: 0xD9C8 for codes 0-3 of word ``x``, 0xFBEA for 4-7;
+        table words L0..L3, H0..H3 at operands ``$tab .. $tab+7``; scratch m, a0, a1, b0, b1)."""
+        return (f"prmt.b32 m, {x4}, {x}, {mask}; "
+                f"prmt.b32 a0, ${tab}, ${tab + 1}, {sel}; prmt.b32 a1, ${tab + 2}, ${tab + 3}, {sel}; "
+                f"prmt.b32 b0, ${tab + 4}, ${tab + 5}, {sel}; prmt.b32 b1, ${tab + 6}, ${tab + 7}, {sel}; "
+                f"lop3.b32 {lo}, a0, a1, m, 0xD8; lop3.b32 {hi}, b0, b1, m, 0xD8; ")
+
+    _ASM4_SRC = (
+        "{ .reg .b32 s, x4, m, a0, a1, b0, b1, l, h; and.b32 s, $4, 0x77777777; shl.b32 x4, $4, 4; "
+        + _lookup4("$4", "x4", "0xD9C8", "s", 12, "l", "h")
+        + "prmt.b32 $0, l, h, 0x5140; prmt.b32 $1, l, h, 0x7362; shr.u32 s, s, 16; "
+        + _lookup4("$4", "x4", "0xFBEA", "s", 12, "l", "h")
+        + "prmt.b32 $2, l, h, 0x5140; prmt.b32 $3, l, h, 0x7362; }"
+    )
 
     # 2 bits, 4 centroids, pack 16 (one word x = 16 codes, code k at bits 2k). The prmt pool is
     # (L, H): selector c -> low byte of centroid c, c + 4 -> its high byte, so a selector byte
