@@ -347,16 +347,21 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steps(fn: Callable[[], Any], device: torch.device, iters: int = 30, warmup: int = 3) -> dict[str, float]:
-    """Median / p10 / p90 milliseconds of ``fn`` (CUDA events on CUDA, wall clock elsewhere)."""
+    """Median / p10 / p90 milliseconds of ``fn`` (CUDA events on CUDA, wall clock elsewhere), one
+    synchronisation per call. On CUDA also ``host_ms``: the median wall time until ``fn`` returns
+    (its host work: guards, launches or graph replay), which the event time includes because the
+    GPU is idle until that work has launched something."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
+    times, host = [], []
     for _ in range(iters):
         if device.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
+            t0 = time.perf_counter()
             fn()
+            host.append((time.perf_counter() - t0) * 1e3)
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b))
@@ -364,7 +369,10 @@ def time_steps(fn: Callable[[], Any], device: torch.device, iters: int = 30, war
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": median(times), "ms_p10": percentile(times, 10), "ms_p90": percentile(times, 90), "iters": iters}
+    out = {"ms": median(times), "ms_p10": percentile(times, 10), "ms_p90": percentile(times, 90), "iters": iters}
+    if host:
+        out["host_ms"] = median(host)
+    return out
 
 
 def _reset_peak(device: torch.device) -> int:
@@ -1751,7 +1759,9 @@ def format_markdown(result: dict[str, Any]) -> str:
                   "(model, bits, batch), allocated for the largest context, every context by setting the device-side "
                   "length. Static: allocation = context + margin, one compile per point. Dynamic: eager. K/V bytes "
                   "are measured allocations at the context (static: its allocation, context + margin); peak = max_memory_allocated over the timed steps "
-                  "(tqpatch: with its allocation for the largest context; 'est.' = that minus the unused positions).",
+                  "(tqpatch: with its allocation for the largest context; 'est.' = that minus the unused positions). "
+                  "host ms (CUDA): median wall time until the step call returns (guards, graph replay), included in "
+                  "ms/step.",
                   ""]
         rows = []
         for r in sorted(e2e["rows"], key=lambda r: (r["model"], r["batch"], r.get("context") or 0, r["method"])):
@@ -1760,9 +1770,10 @@ def format_markdown(result: dict[str, Any]) -> str:
                                                   and r.get("compiled") is False else "")
             rows.append([r["model"], label, str(r["batch"]), _f(r.get("context"), "d"),
                          _f(r.get("ms")) if ok else r.get("status", "?"), _f(r.get("ms_p10")), _f(r.get("ms_p90")),
-                         _f(r.get("tokens_per_s"), ".0f"), _gb(r.get("kv_bytes")), _gb(r.get("peak_memory_bytes")),
-                         _gb(r.get("peak_memory_bytes_at_context_est")), _f(r.get("compile_s"), ".0f")])
-        lines += _table(["model", "method", "B", "context", "ms/step", "p10", "p90", "tokens/s", "K/V GB",
+                         _f(r.get("host_ms")), _f(r.get("tokens_per_s"), ".0f"), _gb(r.get("kv_bytes")),
+                         _gb(r.get("peak_memory_bytes")), _gb(r.get("peak_memory_bytes_at_context_est")),
+                         _f(r.get("compile_s"), ".0f")])
+        lines += _table(["model", "method", "B", "context", "ms/step", "p10", "p90", "host ms", "tokens/s", "K/V GB",
                          "peak GB", "peak GB (est.)", "compile s"], rows)
         comp = e2e.get("compiles", [])
         if comp:
