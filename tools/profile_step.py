@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import shutil
 import sys
 from pathlib import Path
@@ -40,23 +39,16 @@ def _kernels(prof, layers: int, cuda: bool) -> list[dict]:
 
 
 def _profile(step, tok, pos, layers: int) -> tuple[float, float | None, list[dict]]:
-    """ms per step (timed with a sync per step), host ms per step (20 calls queued without waiting
-    for the GPU: what the CPU spends per step; None off CUDA) and the kernel table."""
+    """ms per step and host ms per step (``tqpatch.bench.time_steps``: one sync per step; the host
+    ms, None off CUDA, is the wall time until the call returns) and the kernel table."""
     from tqpatch.bench import _mark_step, time_steps
 
     def call():
         _mark_step()
         step(tok, pos)
 
-    ms = time_steps(call, tok.device, iters=30, warmup=3)["ms"]
-    host = None
-    if tok.is_cuda:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(20):
-            call()
-        host = (time.perf_counter() - t0) / 20 * 1e3
-        torch.cuda.synchronize()
+    t = time_steps(call, tok.device, iters=30, warmup=3)
+    ms, host = t["ms"], t.get("host_ms")
     acts = [torch.profiler.ProfilerActivity.CPU]
     if tok.is_cuda:
         acts.append(torch.profiler.ProfilerActivity.CUDA)

@@ -15,8 +15,9 @@ the rotated domain, and the window rotated into it) and the chunk itself go thro
 SDPA kernels (flash attention on CUDA and CPU) with their log-sum-exp, so the score matrix is never
 materialised and a dequantized tile of at most ``_FUSED_TILE`` slots is the only transient.
 
-One-token steps of TurboQuant layers on CUDA run all three parts in the Triton decode step
-(:func:`tqpatch.kernels.triton_decode.decode_step`, two launches) and the store in one more
+One-token steps of TurboQuant layers on CUDA run all three parts in the decode step
+(:func:`tqpatch.kernels.triton_decode.decode_step`: two launches, three with the Gluon history
+kernel at larger batches) and the store in one more
 (:func:`~tqpatch.kernels.triton_decode.store_step`); the torch code below is their reference and
 serves every other case.
 
@@ -352,8 +353,8 @@ def _decode_kernel_applies(layer: TurboQuantLayer, q: torch.Tensor) -> bool:
 
 
 def _decode_kernel_attention(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The decode step's attention (history codes, window, own token) in two Triton launches;
-    ``[B, Hq, 1, d]`` in ``q``'s dtype."""
+    """The decode step's attention (history codes, window, own token) in two or three launches
+    (:func:`tqpatch.kernels.triton_decode.decode_step`); ``[B, Hq, 1, d]`` in ``q``'s dtype."""
     from .kernels import triton_decode
 
     p = layer.plan

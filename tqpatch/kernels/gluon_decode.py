@@ -44,7 +44,6 @@ __all__ = ["available", "decode_attention", "default_splits", "history_partials"
 log = logging.getLogger(__name__)
 
 try:  # Gluon ships with Triton >= 3.5; CPU-only installs have neither.
-    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -341,26 +340,33 @@ if _HAS_GLUON:
 
 
 def history_partials(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n, start,
-                     acc, mx, sm, splits: int, q_scale: float, softcap: float, ring: bool,
-                     bnw: int = _BNW, prefetch: bool = True, maxnreg: int = 0, nsub: int = 0) -> int:
-    """Launch the Gluon history kernel: writes ``splits * 4`` partials per query head (one per
-    split and warp) into ``acc [B*Hq*splits*4*d]``, ``mx``, ``sm`` (log2 units, unnormalised), the
-    layout the combine kernels of :mod:`.triton_decode` read with ``SPLITS = splits * 4``. The
-    history holds ``max(n - nsub, 0)`` tokens (``nsub``: the decode step's window ring).
+                     splits: int, q_scale: float, softcap: float, ring: bool, bnw: int = _BNW,
+                     prefetch: bool = True, maxnreg: int = 0, nsub: int = 0):
+    """Launch the Gluon history kernel; returns ``(acc [B*Hq*parts*d], mx, sm [B*Hq*parts])``
+    with ``parts = splits * 4`` partials per query head (one per split and warp; log2 units,
+    unnormalised), the layout the combine kernels of :mod:`.triton_decode` read with
+    ``SPLITS = parts``. The history holds ``max(n - nsub, 0)`` tokens (``nsub``: the decode step's
+    window ring).
+
     Arguments are those of :func:`decode_attention` after its conversions (float32 ``q_rot``,
     contiguous codes and scales, int32 ``n [1]`` and ``start [B]``); ``q_scale`` includes
     ``log2(e)`` unless ``softcap``; ``bnw`` slots per warp and block (16 or 32), ``prefetch``: the
-    next block's loads issued before this block's work (``maxnreg``: a register cap, 0: none).
-    Returns the number of partials per query head."""
+    next block's loads issued before this block's work (``maxnreg``: a register cap, 0: none)."""
     B, Hq, d = q_rot.shape
     Hkv, C = k_codes.shape[1], k_codes.shape[2]
-    _gl_history_kernel[(B * Hkv, splits)](
-        q_rot, k_codes.view(torch.int32), k_scales, v_codes.view(torch.int32), v_scales, k_centroids, v_centroids,
-        n, start, acc, mx, sm, C, Hkv, splits, int(nsub), float(q_scale), float(softcap) if softcap else 1.0,
-        G=Hq // Hkv, D=d, BNW=bnw, RING=bool(ring), SOFTCAP=bool(softcap), PREFETCH=bool(prefetch), num_warps=_W,
-        **({"maxnreg": maxnreg} if maxnreg else {}),
-    )
-    return splits * _W
+    parts = splits * _W
+    dev = q_rot.device
+    acc = torch.empty((B * Hq * parts * d,), device=dev, dtype=torch.float32)
+    mx = torch.empty((B * Hq * parts,), device=dev, dtype=torch.float32)
+    sm = torch.empty((B * Hq * parts,), device=dev, dtype=torch.float32)
+    with torch.cuda.device(dev):  # Triton launches on the current device
+        _gl_history_kernel[(B * Hkv, splits)](
+            q_rot, k_codes.view(torch.int32), k_scales, v_codes.view(torch.int32), v_scales, k_centroids,
+            v_centroids, n, start, acc, mx, sm, C, Hkv, splits, int(nsub), float(q_scale),
+            float(softcap) if softcap else 1.0, G=Hq // Hkv, D=d, BNW=bnw, RING=bool(ring), SOFTCAP=bool(softcap),
+            PREFETCH=bool(prefetch), num_warps=_W, **({"maxnreg": maxnreg} if maxnreg else {}),
+        )
+    return acc, mx, sm
 
 
 def default_splits(batch: int, kv_heads: int, capacity: int, sm_count: int = 132, per_sm: int = 3,
@@ -379,7 +385,7 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v
     Gluon history kernel, then the Triton split merge. ``splits``: programs per (row, KV head)
     (default :func:`default_splits`); ``bnw``, ``prefetch``, ``maxnreg``: see
     :func:`history_partials`."""
-    from .triton_decode import _LOG2E, _tq_decode_combine_kernel
+    from .triton_decode import _LOG2E, _launch_combine
 
     B, Hq, d = q_rot.shape
     Hkv, C = k_codes.shape[1], k_codes.shape[2]
@@ -387,22 +393,15 @@ def decode_attention(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v
         raise ValueError("the Gluon kernel takes 4-bit keys and values, d in {64, 128, 256} and at most 8 query "
                          "heads per KV head; use tqpatch.kernels.triton_decode.decode_attention")
     splits = splits or default_splits(B, Hkv, C, bnw=bnw)
-    parts = splits * _W
-    dev = q_rot.device
-    acc = torch.empty((B * Hq * parts * d,), device=dev, dtype=torch.float32)
-    mx = torch.empty((B * Hq * parts,), device=dev, dtype=torch.float32)
-    sm = torch.empty((B * Hq * parts,), device=dev, dtype=torch.float32)
-    out = torch.empty((B, Hq, d), device=dev, dtype=torch.float32)
-    lse = torch.empty((B, Hq), device=dev, dtype=torch.float32)
+    out = torch.empty((B, Hq, d), device=q_rot.device, dtype=torch.float32)
+    lse = torch.empty((B, Hq), device=q_rot.device, dtype=torch.float32)
     q_scale = float(scaling) * (1.0 if softcap else _LOG2E)
-    history_partials(q_rot.to(torch.float32).contiguous(), k_codes.contiguous(), k_scales.contiguous(),
-                     v_codes.contiguous(), v_scales.contiguous(), k_centroids.to(torch.float32).contiguous(),
-                     v_centroids.to(torch.float32).contiguous(), n.reshape(1).to(torch.int32),
-                     start.reshape(B).to(torch.int32), acc, mx, sm, splits, q_scale, softcap, ring,
-                     bnw=bnw, prefetch=prefetch, maxnreg=maxnreg)
-    sp2 = max(2, triton.next_power_of_2(parts))
-    _tq_decode_combine_kernel[(B * Hq,)](acc, mx, sm, out, lse, parts, SP=sp2, D=d, SB=min(sp2, 32 if d <= 128 else 16),
-                                         num_warps=4)
+    acc, mx, sm = history_partials(
+        q_rot.to(torch.float32).contiguous(), k_codes.contiguous(), k_scales.contiguous(), v_codes.contiguous(),
+        v_scales.contiguous(), k_centroids.to(torch.float32).contiguous(), v_centroids.to(torch.float32).contiguous(),
+        n.reshape(1).to(torch.int32), start.reshape(B).to(torch.int32), splits, q_scale, softcap, ring, bnw=bnw,
+        prefetch=prefetch, maxnreg=maxnreg)
+    _launch_combine(acc, mx, sm, out, lse, splits * _W)
     return out, lse
 
 
@@ -427,15 +426,8 @@ if _HAS_GLUON:
                           v_scales: torch.Tensor, k_centroids: torch.Tensor, v_centroids: torch.Tensor,
                           n: torch.Tensor, start: torch.Tensor, nsub: int, splits: int, bnw: int, q_scale: float,
                           softcap: float, ring: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, Hq, d = q_rot.shape
-        parts = splits * _W
-        acc = torch.empty((B * Hq * parts * d,), device=q_rot.device, dtype=torch.float32)
-        mx = torch.empty((B * Hq * parts,), device=q_rot.device, dtype=torch.float32)
-        sm = torch.empty((B * Hq * parts,), device=q_rot.device, dtype=torch.float32)
-        with torch.cuda.device(q_rot.device):
-            history_partials(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n, start,
-                             acc, mx, sm, splits, q_scale, softcap, ring, bnw=bnw, prefetch=False, nsub=nsub)
-        return acc, mx, sm
+        return history_partials(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n, start,
+                                splits, q_scale, softcap, ring, bnw=bnw, prefetch=False, nsub=nsub)
 
     @_gluon_history_op.register_fake
     def _(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, n, start, nsub, splits, bnw,

@@ -844,9 +844,16 @@ def _launch(q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroid
         EARLYV=bool(config.get("early_v", False)), num_warps=int(config["num_warps"]),
         **({"maxnreg": int(config["maxnreg"])} if config.get("maxnreg") else {}),
     )
-    k2 = _tq_decode_combine_kernel if wrap is None else wrap(_tq_decode_combine_kernel)
-    sp2 = max(2, triton.next_power_of_2(splits))
-    k2[(B * Hq,)](acc, mx, sm, out, lse, splits, SP=sp2, D=d, SB=min(sp2, 32 if d <= 128 else 16), num_warps=4)
+    _launch_combine(acc, mx, sm, out, lse, splits, wrap)
+
+
+def _launch_combine(acc, mx, sm, out, lse, parts: int, wrap=None):
+    """Stage 2 of :func:`decode_attention`: merge ``parts`` partials per query row into ``out [B,
+    Hq, d]`` and ``lse`` (also the Gluon kernel's merge, with 4 partials per split)."""
+    B, Hq, d = out.shape
+    kern = _tq_decode_combine_kernel if wrap is None else wrap(_tq_decode_combine_kernel)
+    sp2 = max(2, triton.next_power_of_2(parts))
+    kern[(B * Hq,)](acc, mx, sm, out, lse, parts, SP=sp2, D=d, SB=min(sp2, 32 if d <= 128 else 16), num_warps=4)
 
 
 def _launch_step(q, q_rot, k_codes, k_scales, v_codes, v_scales, k_centroids, v_centroids, win_k, win_v, k_new,
