@@ -101,6 +101,13 @@ def fused_attention(
     """Softmax attention of ``q [B, Hq, Q, d]`` over ``k, v [B, Hkv, T, d]`` (same dtype; causal:
     query ``i`` sees keys ``<= i``, needs ``Q == T``) through PyTorch's fused SDPA kernels, with the
     log-sum-exp of the scores. Returns float32 ``(out [B, Hq, Q, d], lse [B, Hq, Q])``."""
+    out, lse = _fused_sdpa(q, k, v, scaling, causal)
+    return out.to(torch.float32), lse
+
+
+def _fused_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fused_attention` with the output left in the kernel's dtype (``q``'s)."""
     B, Hq, Q, d = q.shape
     G = Hq // k.shape[1]
     flash = not q.is_cuda or (q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0)
@@ -111,7 +118,7 @@ def fused_attention(
         v = v.repeat_interleave(G, dim=1)
     if cudnn:
         out, lse = _cudnn_attention(q, k, v, scaling, causal)
-        return out.to(torch.float32), lse.to(torch.float32)
+        return out, lse.to(torch.float32)
     try:
         if not q.is_cuda:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scaling)
@@ -125,8 +132,8 @@ def fused_attention(
         if k.shape[1] == Hq:
             raise
         _NATIVE_GQA[q.device.type] = False  # this build's kernel wants K/V heads == query heads
-        return fused_attention(q, k, v, scaling=scaling, causal=causal)
-    return out.to(torch.float32), lse[..., :Q].to(torch.float32)
+        return _fused_sdpa(q, k, v, scaling, causal)
+    return out, lse[..., :Q].to(torch.float32)
 
 
 _CUDNN: dict = {"checked": False, "mode": None}
@@ -178,14 +185,21 @@ def _fused_chunk_applies(layer: TurboQuantLayer, Q: int) -> bool:
             and not bool(layer.start.any()))
 
 
-def _rotate_queries(layer: TurboQuantLayer, q: torch.Tensor) -> torch.Tensor:
-    """Queries ``[B, Hq, Q, d]`` into the keys' rotated domain (``Pi_K D q``), float32."""
+def _rotate_queries(layer: TurboQuantLayer, q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Queries ``[B, Hq, Q, d]`` into the keys' rotated domain (``Pi_K D q``), computed in ``dtype``:
+    float32 for the reference and decode paths; the fused chunk path passes the model's 16-bit dtype
+    (its SDPA kernel rounds the rotated queries to it anyway, and the float32 GEMM took 10x longer)."""
     p = layer.plan
-    x = q.to(torch.float32)
+    G = q.shape[1] // p.num_kv_heads
+    if p.key_split:
+        x = q.to(torch.float32)
+        if layer.key_scale is not None:
+            x = x * layer.key_scale.repeat_interleave(G, dim=0).reshape(1, q.shape[1], 1, p.head_dim)
+        return p.key_split.rotate(x).to(dtype)
+    x = q.to(dtype)
     if layer.key_scale is not None:
-        G = q.shape[1] // p.num_kv_heads
-        x = x * layer.key_scale.repeat_interleave(G, dim=0).reshape(1, q.shape[1], 1, p.head_dim)
-    return p.key_split.rotate(x) if p.key_split else matmul_rows(x, layer.rotation_k.T)
+        x = x * layer.key_scale.repeat_interleave(G, dim=0).reshape(1, q.shape[1], 1, p.head_dim).to(dtype)
+    return matmul_rows(x, layer.rotation_k.T.to(dtype))
 
 
 def _rotate_stored(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,47 +216,70 @@ def _rotate_stored(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tensor) -> 
 
 
 def _unrotate_values(layer: TurboQuantLayer, out: torch.Tensor) -> torch.Tensor:
-    """An attention output in the values' rotated domain back to the model's basis (float32)."""
+    """An attention output in the values' rotated domain back to the model's basis (in its dtype)."""
     p = layer.plan
-    return p.value_split.unrotate(out) if p.value_split else matmul_rows(out, layer.rotation_v)
+    if p.value_split:
+        return p.value_split.unrotate(out.to(torch.float32)).to(out.dtype)
+    return matmul_rows(out, layer.rotation_v.to(out.dtype))
 
 
 def _dequantize_slots(layer: TurboQuantLayer, lo: int, hi: int, dtype: torch.dtype, out_k: torch.Tensor | None = None,
                       out_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """History slots ``lo .. hi-1`` as scaled vectors in the rotated domains (``dtype``)."""
     p = layer.plan
-    kc, ks = layer.k_codes[:, :, lo:hi], layer.k_scales[:, :, lo:hi]
-    vc, vs = layer.v_codes[:, :, lo:hi], layer.v_scales[:, :, lo:hi]
-    k = (p.key_split.dequantize_rotated(kc, ks, dtype, out=out_k) if p.key_split
-         else dequantize_rotated(kc, ks, layer.k_centroids, p.key_bits, dtype, out=out_k))
-    v = (p.value_split.dequantize_rotated(vc, vs, dtype, out=out_v) if p.value_split
-         else dequantize_rotated(vc, vs, layer.v_centroids, p.value_bits, dtype, out=out_v))
-    return k, v
+    res = []
+    for side, split, bits, out in (("k", p.key_split, p.key_bits, out_k), ("v", p.value_split, p.value_bits, out_v)):
+        c, s = getattr(layer, f"{side}_codes")[:, :, lo:hi], getattr(layer, f"{side}_scales")[:, :, lo:hi]
+        cent = getattr(layer, f"{side}_centroids")
+        if split:
+            res.append(split.dequantize_rotated(c, s, dtype, out=out))
+        elif _codes_kernel_applies(layer, c, bits):  # one launch per side
+            from .kernels import codes
+
+            if out is None:
+                out = torch.empty(*c.shape[:3], p.head_dim, dtype=dtype, device=c.device)
+            res.append(codes.dequantize_rows(getattr(layer, f"{side}_codes"), getattr(layer, f"{side}_scales"), cent,
+                                             bits, lo, hi, out))
+        else:
+            res.append(dequantize_rotated(c, s, cent, bits, dtype, out=out))
+    return res[0], res[1]
 
 
-def _fused_chunk_attention(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of a chunk over its own K/V (causal) and over the stored tokens (history then the
-    full-precision window), all through :func:`fused_attention`.
+def _codes_kernel_applies(layer: TurboQuantLayer, x: torch.Tensor, bits: int) -> bool:
+    """Whether the many-row code kernels (:mod:`tqpatch.kernels.codes`) encode / decode this
+    layer's unsplit side here: eager, CUDA (or the Triton interpreter on CPU), 2-4 bits."""
+    if not _eager():
+        return False
+    from .kernels import codes, triton_decode
+
+    if not (codes.available() and codes.serves(bits, layer.plan.head_dim)):
+        return False
+    return x.is_cuda or triton_decode.interpreting()
+
+
+def _fused_chunk_attention(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Output (``q``'s dtype) of a chunk over its own K/V (causal) and over the stored tokens
+    (history then the full-precision window), all through PyTorch's fused SDPA kernels.
 
     The stored tokens go through one call per tile of up to ``_FUSED_TILE`` slots: history codes
     dequantized in the rotated domain, the window rotated into it (``Pi_K (k / D)``, ``Pi_V v``),
     so the rotated query ``Pi_K (D q)`` meets both in one kernel; the tiles merge in the rotated
-    domain and the result is rotated back once."""
+    domain, the result is rotated back once (in the model's dtype, which the kernels' outputs
+    already have) and meets the chunk's own part through their log-sum-exps."""
     p = layer.plan
     dtype = q.dtype
-    self_part = fused_attention(q, k.to(dtype), v.to(dtype), scaling=p.scaling, causal=True)
+    self_out, self_lse = _fused_sdpa(q, k.to(dtype), v.to(dtype), p.scaling, True)
     n = layer.stored()
     n_hist = max(n - p.window, 0)
     filled = min(n, p.window)
     if n_hist + filled == 0:
-        return self_part
+        return self_out
     if filled:  # the window ring holds positions n-filled .. n-1 (position t at slot t % R)
         slots = torch.remainder(n - filled + torch.arange(filled, device=q.device), p.window)
         wk, wv = layer.win_k.index_select(2, slots), layer.win_v.index_select(2, slots)
         if p.quantized:
             wk, wv = _rotate_stored(layer, wk, wv)
-    q_in = _rotate_queries(layer, q).to(dtype) if p.quantized else q
+    q_in = _rotate_queries(layer, q, dtype) if p.quantized else q
     parts = []
     total = n_hist + filled
     B, Hkv, d = q.shape[0], p.num_kv_heads, p.head_dim
@@ -261,12 +298,18 @@ def _fused_chunk_attention(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Ten
             w0 = max(lo, n_hist) - n_hist
             kt[:, :, max(lo, n_hist) - lo:] = wk[:, :, w0 : hi - n_hist]
             vt[:, :, max(lo, n_hist) - lo:] = wv[:, :, w0 : hi - n_hist]
-        parts.append(fused_attention(q_in, kt, vt, scaling=p.scaling, causal=False))
+        parts.append(_fused_sdpa(q_in, kt, vt, p.scaling, False))
         del kt, vt
-    out, lse = merge_attention(parts)
+    if len(parts) == 1:
+        out, lse = parts[0]
+    else:
+        out, lse = merge_attention([(o.to(torch.float32), l) for o, l in parts])
+        out = out.to(dtype)
     if p.quantized:
         out = _unrotate_values(layer, out)
-    return merge_attention([self_part, (out, lse)])
+    # both parts see at least one key (the chunk itself causally, every stored token), so the
+    # weight of the chunk's own part, exp(self_lse) / (exp(self_lse) + exp(lse)), is finite
+    return torch.lerp(out, self_out, torch.sigmoid(self_lse - lse).unsqueeze(-1).to(dtype))
 
 
 def _eager() -> bool:
@@ -325,6 +368,14 @@ def _encode_into_history(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tenso
             ks = ks / layer.key_scale.reshape(1, p.num_kv_heads, 1, p.head_dim)
         for side, x, split, quantizer, bits in (("k", ks, p.key_split, p.key_quantizer, p.key_bits),
                                                  ("v", v, p.value_split, p.value_quantizer, p.value_bits)):
+            if split is None and _codes_kernel_applies(layer, x, bits):  # one GEMM, then one launch
+                from .kernels import codes as code_kernels
+
+                y = matmul_rows(x.to(torch.float32), getattr(layer, f"rotation_{side}").T)
+                code_kernels.encode_rows(y, slots, getattr(layer, f"{side}_thresholds"),
+                                         getattr(layer, f"{side}_centroids"), bits, getattr(layer, f"{side}_codes"),
+                                         getattr(layer, f"{side}_scales"))
+                continue
             if split is not None:
                 codes, scales = split.encode(x)
             else:
@@ -464,9 +515,9 @@ def attend_and_store(layer: TurboQuantLayer, q: torch.Tensor, k: torch.Tensor, v
     Q = q.shape[2]
     q_pos = layer.n + torch.arange(Q, device=q.device)
     if _fused_chunk_applies(layer, Q):
-        out, _ = _fused_chunk_attention(layer, q, k, v, q_pos)
+        out = _fused_chunk_attention(layer, q, k, v)
         _store(layer, k, v)
-        return out.to(q.dtype)
+        return out
     parts = [_chunk_part(layer, q, k, v, q_pos)]
     hist = _history_part(layer, q, q_pos)
     if hist is not None:
