@@ -114,6 +114,30 @@ def test_left_padded_batch_equals_single_prompts():
             assert torch.equal(batch[i, width:], alone[0, len(p) :]), f"row {i} differs"
 
 
+def test_host_padding_flag_follows_the_masks():
+    """Eager chunks read left padding from a host-side flag (no GPU wait per layer): set by a
+    padded mask on an empty cache, left alone for a mask without padding, cleared by reset."""
+    model = tiny_model("llama", head_dim=64)
+    tqpatch.apply(model, key_bits=4, value_bits=4, window=8)
+    ids = torch.randint(1, 256, (2, 9), generator=torch.Generator().manual_seed(8))
+    full = torch.ones(2, 9, dtype=torch.long)
+    padded = full.clone()
+    padded[1, :3] = 0
+    cache = TurboQuantCache(model, max_cache_len=64, batch_size=2)
+    with torch.no_grad():
+        model(ids, attention_mask=full, past_key_values=cache, use_cache=True)
+        assert not any(layer.host_padded for layer in cache.layers)
+        cache.reset()
+        model(ids, attention_mask=padded, past_key_values=cache, use_cache=True)
+        assert all(layer.host_padded for layer in cache.layers)
+        assert all(int(layer.start[1]) == 3 for layer in cache.layers)
+        cache.reset()
+        assert not any(layer.host_padded for layer in cache.layers)
+        lazy = TurboQuantCache(model)  # allocated at the first update: the flag travels with the start
+        model(ids, attention_mask=padded, past_key_values=lazy, use_cache=True)
+        assert all(layer.host_padded for layer in lazy.layers)
+
+
 def test_generate_modes_and_growth():
     model = tiny_model("qwen2", head_dim=64)
     tqpatch.apply(model, key_bits=4, value_bits=3, window=4)

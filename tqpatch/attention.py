@@ -182,7 +182,7 @@ def _fused_chunk_applies(layer: TurboQuantLayer, Q: int) -> bool:
     cap and without left padding; everything else takes the reference path."""
     p = layer.plan
     return (_eager() and Q > 1 and not p.softcap and not p.sliding_window and not layer.ring
-            and not bool(layer.start.any()))
+            and not layer.host_padded)
 
 
 def _rotate_queries(layer: TurboQuantLayer, q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -106,6 +106,9 @@ class TurboQuantLayer(CacheLayerMixin):
         self.is_sliding = bool(plan.sliding_window)
         self.n: torch.Tensor | None = None
         self.host_n: int | None = None  # ``n`` as a Python int for eager code (see ``stored``)
+        # whether ``start`` may hold left padding, known on the host (eager code checks it once per
+        # layer and chunk; reading ``start.any()`` there made every layer wait for the GPU)
+        self.host_padded = False
 
     # -- allocation ----------------------------------------------------------------------------
     def allocate(self, batch_size: int, dtype: torch.dtype, device: torch.device | str, max_cache_len: int) -> None:
@@ -139,8 +142,10 @@ class TurboQuantLayer(CacheLayerMixin):
         self.host_n = 0
         self.start = torch.zeros(batch_size, dtype=torch.int64, device=device)
         pending = getattr(self, "pending_start", None)
+        self.host_padded = False
         if pending is not None and pending.shape[0] == batch_size:
             self.start.copy_(pending)
+            self.host_padded = getattr(self, "pending_padded", True)
         self.pending_start = None
         self.is_initialized = True
         if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs copy no cache input
@@ -222,6 +227,7 @@ class TurboQuantLayer(CacheLayerMixin):
             for t in self.tensors():
                 t.zero_()
             self.host_n = 0
+            self.host_padded = False
 
     _HISTORY_TENSORS = ("k_codes", "k_scales", "v_codes", "v_scales", "keys", "values")
     _ROW_TENSORS = _HISTORY_TENSORS + ("win_k", "win_v", "start")
@@ -303,19 +309,24 @@ class TurboQuantCache(Cache):
         if attention_mask is None or attention_mask.ndim != 2:
             return
         mask = attention_mask.to(torch.bool)
-        if not torch.compiler.is_compiling():
+        start = (mask.to(torch.int64).cumsum(-1) == 0).sum(-1)
+        padded = True  # unknown under compile (the eager checks that read it do not run there)
+        if not torch.compiler.is_compiling():  # one transfer for both checks
             seen = mask.cumsum(-1) > 0
-            if bool((seen & ~mask).any()):
+            holes, padded = torch.stack([(seen & ~mask).any(), (start > 0).any()]).tolist()
+            if holes:
                 raise NotImplementedError(
                     "tqpatch supports left-padded batches only (zeros before the first real token); "
                     "pad on the left (tokenizer.padding_side = 'left')"
                 )
-        start = (mask.to(torch.int64).cumsum(-1) == 0).sum(-1)
         for layer in self.layers:
             if layer.is_initialized:
                 layer.start.copy_(torch.where(layer.n == 0, start.to(layer.start.device), layer.start))
+                if layer.host_n in (0, None):  # it may take the new start (conservative if stale)
+                    layer.host_padded = layer.host_padded or padded
             else:
                 layer.pending_start = start
+                layer.pending_padded = padded
 
     def sync_lengths(self) -> None:
         """Read every layer's device-side token count into its host copy: one transfer per device
