@@ -24,6 +24,10 @@ from .patch import SUPPORTED_MODEL_TYPES, apply, is_patched, unapply  # noqa: E4
 
 __all__ += ["TurboQuantCache", "cache_nbytes", "apply", "unapply", "is_patched", "SUPPORTED_MODEL_TYPES"]
 
+from .step import compile_step  # noqa: E402
+
+__all__ += ["compile_step"]
+
 from .recipe import Recipe, RecipeError, RecipeMismatchError, RecipeNotFoundError, list_recipes  # noqa: E402
 
 __all__ += ["Recipe", "RecipeError", "RecipeMismatchError", "RecipeNotFoundError", "list_recipes"]

@@ -238,6 +238,7 @@ class BenchConfig:
     budget_s: float = 0.0
     device: str = "cuda"
     compile: bool | None = None  # None: on CUDA only
+    step_graph: bool = False  # decode steps as one captured CUDA graph (both methods) instead of reduce-overhead
     out: str = "bench-out"
     stem: str = ""
     commit: str = ""
@@ -504,8 +505,17 @@ def _step_fn(model, cache):
     return step
 
 
-def _compile(fn, enabled: bool):
-    return torch.compile(fn, fullgraph=True, mode="reduce-overhead") if enabled else fn
+def _compile(fn, enabled: bool, graph: bool = False):
+    """``fn`` compiled with ``fullgraph=True``: with CUDA graph trees (``mode="reduce-overhead"``, as
+    transformers users compile a step), or, with ``graph``, captured whole in one CUDA graph and
+    replayed without guards (:func:`tqpatch.step.capture_graph`)."""
+    if not enabled:
+        return fn
+    if graph:
+        from .step import capture_graph
+
+        return capture_graph(torch.compile(fn, fullgraph=True))
+    return torch.compile(fn, fullgraph=True, mode="reduce-overhead")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -580,10 +590,11 @@ def _jsonable(obj: Any) -> Any:
 # ------------------------------------------------------------------------------------------------
 # Suite: correctness
 # ------------------------------------------------------------------------------------------------
-def e2e_correctness(device: torch.device, compiled: bool = True) -> dict[str, Any]:
+def e2e_correctness(device: torch.device, compiled: bool = True, graph: bool = False) -> dict[str, Any]:
     """Logits of a 2-layer random Llama over 44 decode steps after a 256-token prefill: eager Triton
-    path vs eager plain-torch reference, and the compiled step (CUDA graphs) vs the eager step.
-    Relative error ``|a - b| / |b|`` of the stacked logits."""
+    path vs eager plain-torch reference, and the compiled step (CUDA graphs: graph trees, or with
+    ``graph`` one captured graph) vs the eager step. Relative error ``|a - b| / |b|`` of the
+    stacked logits."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import tqpatch
@@ -602,7 +613,7 @@ def e2e_correctness(device: torch.device, compiled: bool = True) -> dict[str, An
         cache = TurboQuantCache(model, max_cache_len=400, batch_size=2)
         with torch.no_grad():
             model(ids[:, :256], past_key_values=cache, use_cache=True)
-            step = _compile(_step_fn(model, cache), compile_step)
+            step = _compile(_step_fn(model, cache), compile_step, graph)
             orig = triton_decode.available
             if not use_triton:
                 triton_decode.available = lambda: False
@@ -744,7 +755,7 @@ def kernel_check(seed: int = 1234, cases: Sequence[tuple] = tuple(KERNEL_CHECK_C
 def _suite_correctness(run: _Run) -> None:
     sec = run.result.setdefault("correctness", {})
     try:
-        sec["e2e"] = e2e_correctness(run.device, compiled=run.cfg.compiled)
+        sec["e2e"] = e2e_correctness(run.device, compiled=run.cfg.compiled, graph=run.cfg.step_graph)
         logger.info("correctness: %s", json.dumps(sec["e2e"]))
         run.save(plots=False)
     except Exception as exc:
@@ -1021,7 +1032,7 @@ def _tq_points(run: _Run, model, name: str, B: int, method: str, contexts: Seque
         tok, pos = _step_inputs(B, shape.vocab, dev)
         pos.fill_(contexts[0])
         _cleanup(dev, reset_dynamo=True)
-        step = _compile(_step_fn(model, cache), cfg.compiled)
+        step = _compile(_step_fn(model, cache), cfg.compiled, cfg.step_graph)
         graphs0 = _unique_graphs()
         with torch.no_grad():
             compile_s, warm_s = _first_calls(step, tok, pos, dev)
@@ -1117,7 +1128,7 @@ def _store_ablation(run: _Run, model, cache, name: str, B: int, step_ms: dict[in
     attention._store = length_only
     try:
         _cleanup(dev, reset_dynamo=True)
-        step = _compile(_step_fn(model, cache), cfg.compiled)
+        step = _compile(_step_fn(model, cache), cfg.compiled, cfg.step_graph)
         tok, pos = _step_inputs(B, MODEL_SHAPES[name].vocab, dev)
         res = {}
         with torch.no_grad():
@@ -1155,7 +1166,7 @@ def _static_point(run: _Run, model, name: str, B: int, context: int) -> None:
         kv = _tensor_bytes([t for layer in cache.layers for t in (layer.keys, layer.values)])
         pos.fill_(context)
         _cleanup(dev, reset_dynamo=True)
-        step = _compile(_step_fn(model, cache), cfg.compiled)
+        step = _compile(_step_fn(model, cache), cfg.compiled, cfg.step_graph)
         with torch.no_grad():
             compile_s, warm_s = _first_calls(step, tok, pos, dev)
             if cfg.compiled:
@@ -1498,7 +1509,7 @@ def run_profile(run: _Run, context: int) -> None:
     fill_random(cache, context)
     tok, pos = _step_inputs(B, shape.vocab, dev)
     pos.fill_(context)
-    step = _compile(_step_fn(model, cache), cfg.compiled)
+    step = _compile(_step_fn(model, cache), cfg.compiled, cfg.step_graph)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with torch.no_grad():
         compile_s, _ = _first_calls(step, tok, pos, dev)
@@ -1761,7 +1772,10 @@ def format_markdown(result: dict[str, Any]) -> str:
                   "are measured allocations at the context (static: its allocation, context + margin); peak = max_memory_allocated over the timed steps "
                   "(tqpatch: with its allocation for the largest context; 'est.' = that minus the unused positions). "
                   "host ms (CUDA): median wall time until the step call returns (guards, graph replay), included in "
-                  "ms/step.",
+                  "ms/step. " + ("Steps (tqpatch and static): compiled with fullgraph=True and replayed as one captured "
+                                 "CUDA graph (tqpatch.compile_step; no guard evaluation per call)."
+                                 if result.get("config", {}).get("step_graph") else
+                                 "Steps: torch.compile(fullgraph=True, mode='reduce-overhead') (CUDA graph trees)."),
                   ""]
         rows = []
         for r in sorted(e2e["rows"], key=lambda r: (r["model"], r["batch"], r.get("context") or 0, r["method"])):
@@ -1963,6 +1977,10 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (debugging: eager, tiny models)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="compile the decode steps (auto: on CUDA only)")
+    p.add_argument("--step-graph", action="store_true",
+                   help="compile the decode steps (tqpatch's and the static baseline's) without CUDA graph trees and "
+                        "replay each as one captured CUDA graph (tqpatch.compile_step) instead of "
+                        "mode='reduce-overhead'")
     p.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
     p.add_argument("--stem", default="", help="output file stem (default bench_<suites>)")
     p.add_argument("--commit", default="", help="commit to record (default $TQPATCH_COMMIT or git rev-parse HEAD)")
@@ -1991,7 +2009,8 @@ def config_from_args(args) -> BenchConfig:
         given["suites"] = ()
     flags = dict(kernel_sweep=args.kernel_sweep, encode_ablation=args.encode_ablation, generate=args.generate,
                  profile=args.profile, budget_s=args.budget_s, device=args.device,
-                 compile={"auto": None, "on": True, "off": False}[args.compile], out=args.out, stem=args.stem,
+                 compile={"auto": None, "on": True, "off": False}[args.compile], step_graph=args.step_graph,
+                 out=args.out, stem=args.stem,
                  commit=args.commit, command=getattr(args, "command_line", ""), progress=not args.no_progress)
     if args.no_kernel_check:
         flags["kernel_check"] = False
