@@ -188,7 +188,8 @@ def _fused_chunk_applies(layer: TurboQuantLayer, Q: int) -> bool:
 def _rotate_queries(layer: TurboQuantLayer, q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Queries ``[B, Hq, Q, d]`` into the keys' rotated domain (``Pi_K D q``), computed in ``dtype``:
     float32 for the reference and decode paths; the fused chunk path passes the model's 16-bit dtype
-    (its SDPA kernel rounds the rotated queries to it anyway, and the float32 GEMM took 10x longer)."""
+    (its SDPA kernel rounds the rotated queries to it anyway; the float32 GEMM took 7x longer on an
+    H200, results/h200/prefill_parts_b56201e.json)."""
     p = layer.plan
     G = q.shape[1] // p.num_kv_heads
     if p.key_split:

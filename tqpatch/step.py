@@ -2,11 +2,13 @@
 
 ``torch.compile(step, fullgraph=True, mode="reduce-overhead")`` runs Dynamo's guards (a few per
 tensor the step reaches: weights, every cache buffer) and the CUDA-graph tree's input checks on the
-host before each replay, and the GPU waits for them: on an H200 host that is ~45 us per layer of a
-transformers Llama with a StaticCache and ~70 us with tqpatch's cache (``results/h200/host_cost_cuda.md``),
-1.5-2.5 ms of a 32-layer step that takes ~5-6 ms on the GPU at batch 1. A decode loop calls the
-step with the same tensors every time and a fixed-address cache whose length lives on the device
-(tqpatch's, or transformers' ``StaticCache``), so one graph serves every step:
+host before each replay, and the GPU waits for them: on an H200 host 0.6 ms of a 32-layer
+transformers Llama step with a StaticCache at batch 1 (``results/h200/bench_static_ro_h200.md``:
+6.48 ms, against 5.96 ms replayed as one graph), and in a small model ~1.6x as much per layer
+with tqpatch's cache, which has more tensors per layer (``results/h200/host_cost_cuda.md``).
+A decode loop calls the step with the same tensors every time and a fixed-address cache whose
+length lives on the device (tqpatch's, or transformers' ``StaticCache``), so one graph serves
+every step:
 :func:`compile_step` compiles the step without CUDA graphs, runs it once (compile and lazy
 initialisation, on a side stream), captures the next call whole in one ``torch.cuda.CUDAGraph``,
 and from then on copies the new inputs into the graph's and replays it.
