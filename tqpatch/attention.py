@@ -13,7 +13,9 @@ Multi-token chunks in eager mode (prefill, chunked prefill, eval's chunk mode) t
 where it applies (:func:`_fused_chunk_attention`): the stored tokens (history codes dequantized in
 the rotated domain, and the window rotated into it) and the chunk itself go through PyTorch's fused
 SDPA kernels (flash attention on CUDA and CPU) with their log-sum-exp, so the score matrix is never
-materialised and a dequantized tile of at most ``_FUSED_TILE`` slots is the only transient.
+materialised and a dequantized tile of at most ``_FUSED_TILE`` slots is the only transient. On CUDA
+that tile is decoded, and the tokens leaving the window are encoded, by one launch per side
+(:mod:`tqpatch.kernels.codes`).
 
 One-token steps of TurboQuant layers on CUDA run all three parts in the decode step
 (:func:`tqpatch.kernels.triton_decode.decode_step`: two launches, three with the Gluon history
@@ -230,19 +232,18 @@ def _dequantize_slots(layer: TurboQuantLayer, lo: int, hi: int, dtype: torch.dty
     p = layer.plan
     res = []
     for side, split, bits, out in (("k", p.key_split, p.key_bits, out_k), ("v", p.value_split, p.value_bits, out_v)):
-        c, s = getattr(layer, f"{side}_codes")[:, :, lo:hi], getattr(layer, f"{side}_scales")[:, :, lo:hi]
+        codes, scales = getattr(layer, f"{side}_codes"), getattr(layer, f"{side}_scales")
         cent = getattr(layer, f"{side}_centroids")
         if split:
-            res.append(split.dequantize_rotated(c, s, dtype, out=out))
-        elif _codes_kernel_applies(layer, c, bits):  # one launch per side
-            from .kernels import codes
+            res.append(split.dequantize_rotated(codes[:, :, lo:hi], scales[:, :, lo:hi], dtype, out=out))
+        elif _codes_kernel_applies(layer, codes, bits):  # one launch per side
+            from .kernels import codes as code_kernels
 
             if out is None:
-                out = torch.empty(*c.shape[:3], p.head_dim, dtype=dtype, device=c.device)
-            res.append(codes.dequantize_rows(getattr(layer, f"{side}_codes"), getattr(layer, f"{side}_scales"), cent,
-                                             bits, lo, hi, out))
+                out = torch.empty(*codes.shape[:2], hi - lo, p.head_dim, dtype=dtype, device=codes.device)
+            res.append(code_kernels.dequantize_rows(codes, scales, cent, bits, lo, hi, out))
         else:
-            res.append(dequantize_rotated(c, s, cent, bits, dtype, out=out))
+            res.append(dequantize_rotated(codes[:, :, lo:hi], scales[:, :, lo:hi], cent, bits, dtype, out=out))
     return res[0], res[1]
 
 

@@ -75,6 +75,8 @@ class _GraphStep:
         self.out: torch.Tensor | None = None
 
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if not tok.is_cuda:  # nothing to capture off CUDA
+            return self.fn(tok, pos)
         if self.graph is not None:
             if tok.shape != self.inputs[0].shape or pos.shape != self.inputs[1].shape:
                 raise ValueError(f"the captured step takes tok {tuple(self.inputs[0].shape)} and pos "
