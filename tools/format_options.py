@@ -9,8 +9,9 @@ the code into the mantissa of 1024.0, subtract 1024 + the offset): about one int
 instruction per two codes, and the step folds into the per-vector scale. This script measures
 what that costs on the quantity TurboQuant minimises: the relative MSE ``|x - x_hat|^2 / |x|^2``
 of random vectors after the random rotation, with tqpatch's norm correction (scale
-``|x| / |c[idx]|``), for the Lloyd-Max codebook and for the best uniform step at each width
-(the step searched with scipy). Writes ``format_options.json`` and ``format_options.md``.
+``|x| / |c[idx]|``), for the Lloyd-Max codebook, for the best uniform step at each width (the
+step searched with scipy), and for levels that an odd polynomial of the level index gives (a few
+fp16 FMAs after the same conversion). Writes ``format_options.json`` and ``format_options.md``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ def uniform_levels(bits: int, step: float) -> torch.Tensor:
     return (torch.arange(1 << bits, dtype=torch.float64) - ((1 << bits) - 1) / 2) * step
 
 
+def odd_polynomial_levels(centroids: torch.Tensor, degree: int) -> torch.Tensor:
+    """The least-squares fit of ``centroids`` by an odd polynomial of ``t = idx - (2^b - 1) / 2``
+    (terms t, t^3, .., t^degree): levels an fp16 expansion reaches with one FMA per term after the
+    magic-number conversion of ``idx``."""
+    n = centroids.shape[0]
+    t = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
+    basis = torch.stack([t ** k for k in range(1, degree + 1, 2)], 1)
+    coef = torch.linalg.lstsq(basis, centroids.unsqueeze(1)).solution
+    return (basis @ coef).squeeze(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -61,8 +73,13 @@ def main() -> None:
         sigma = a.dim ** -0.5
         best = minimize_scalar(lambda s: relative_mse(u, uniform_levels(bits, s * sigma)), bounds=(0.05, 2.0),
                                method="bounded", options={"xatol": 1e-4})
+        cents = torch.tensor(lloyd_max(a.dim, bits), dtype=torch.float64)
+        cubic = relative_mse(u, odd_polynomial_levels(cents, 3))
+        quintic = relative_mse(u, odd_polynomial_levels(cents, 5))
         rows.append(dict(bits=bits, lloyd_max_rel_mse=lm, uniform_rel_mse=float(best.fun),
-                         uniform_step_in_sigma=float(best.x), uniform_over_lloyd_max=float(best.fun) / lm))
+                         uniform_step_in_sigma=float(best.x), uniform_over_lloyd_max=float(best.fun) / lm,
+                         odd_cubic_rel_mse=cubic, odd_cubic_over_lloyd_max=cubic / lm,
+                         odd_quintic_rel_mse=quintic, odd_quintic_over_lloyd_max=quintic / lm))
     res = dict(command="python " + " ".join(sys.argv), commit=a.commit, dim=a.dim, vectors=a.vectors,
                torch=torch.__version__, numpy=np.__version__, python=platform.python_version(), rows=rows)
     out = Path(a.out)
@@ -72,11 +89,15 @@ def main() -> None:
              f"Command: `{res['command']}`, commit {a.commit}, d = {a.dim}, {a.vectors} random Gaussian vectors, "
              f"norm-corrected scales as tqpatch stores them; the uniform step (in units of the coordinate's "
              "standard deviation 1/sqrt(d)) minimises the measured MSE.", "",
-             "| bits | Lloyd-Max rel. MSE | uniform rel. MSE | uniform step / sigma | uniform / Lloyd-Max |",
-             "|---|---|---|---|---|"]
+             "Odd cubic / quintic: the Lloyd-Max centroids fitted by a t + b t^3 (+ c t^5) of the centred level "
+             "index t (least squares), used as the levels.", "",
+             "| bits | Lloyd-Max rel. MSE | uniform rel. MSE | uniform step / sigma | uniform / Lloyd-Max | "
+             "odd cubic / Lloyd-Max | odd quintic / Lloyd-Max |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['bits']} | {r['lloyd_max_rel_mse']:.5f} | {r['uniform_rel_mse']:.5f} | "
-                     f"{r['uniform_step_in_sigma']:.3f} | {r['uniform_over_lloyd_max']:.3f} |")
+                     f"{r['uniform_step_in_sigma']:.3f} | {r['uniform_over_lloyd_max']:.3f} | "
+                     f"{r['odd_cubic_over_lloyd_max']:.4f} | {r['odd_quintic_over_lloyd_max']:.4f} |")
     (out / "format_options.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
