@@ -102,6 +102,7 @@ def measure(layers: int, method: str, device: torch.device, calls: int = 200) ->
     from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
     from tqpatch.cache import TurboQuantCache
+    from tqpatch.step import step_function
 
     cuda = device.type == "cuda"
     cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
@@ -118,9 +119,7 @@ def measure(layers: int, method: str, device: torch.device, calls: int = 200) ->
     with torch.no_grad():
         model(torch.zeros(1, 40, dtype=torch.long, device=device), past_key_values=cache, use_cache=True)
 
-    def step(tok, pos):
-        return model(tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
-
+    step = step_function(model, cache)
     fn = torch.compile(step, fullgraph=True, mode="reduce-overhead" if cuda else None)
     row = dict(method=method, layers=layers, guards=_guard_kinds(fn, (tok, pos)))
     for stance in ("default", "skip_guard_eval_unsafe"):

@@ -193,15 +193,13 @@ def _rotate_queries(layer: TurboQuantLayer, q: torch.Tensor, dtype: torch.dtype 
     (its SDPA kernel rounds the rotated queries to it anyway; the float32 GEMM took 7x longer on an
     H200, results/h200/prefill_parts_b56201e.json)."""
     p = layer.plan
-    G = q.shape[1] // p.num_kv_heads
-    if p.key_split:
-        x = q.to(torch.float32)
-        if layer.key_scale is not None:
-            x = x * layer.key_scale.repeat_interleave(G, dim=0).reshape(1, q.shape[1], 1, p.head_dim)
-        return p.key_split.rotate(x).to(dtype)
-    x = q.to(dtype)
+    work = torch.float32 if p.key_split else dtype  # a split side rotates in float32
+    x = q.to(work)
     if layer.key_scale is not None:
-        x = x * layer.key_scale.repeat_interleave(G, dim=0).reshape(1, q.shape[1], 1, p.head_dim).to(dtype)
+        G = q.shape[1] // p.num_kv_heads
+        x = x * layer.key_scale.repeat_interleave(G, dim=0).reshape(1, q.shape[1], 1, p.head_dim).to(work)
+    if p.key_split:
+        return p.key_split.rotate(x).to(dtype)
     return matmul_rows(x, layer.rotation_k.T.to(dtype))
 
 
@@ -370,21 +368,21 @@ def _encode_into_history(layer: TurboQuantLayer, k: torch.Tensor, v: torch.Tenso
             ks = ks / layer.key_scale.reshape(1, p.num_kv_heads, 1, p.head_dim)
         for side, x, split, quantizer, bits in (("k", ks, p.key_split, p.key_quantizer, p.key_bits),
                                                  ("v", v, p.value_split, p.value_quantizer, p.value_bits)):
-            if split is None and _codes_kernel_applies(layer, x, bits):  # one GEMM, then one launch
+            store_codes, store_scales = getattr(layer, f"{side}_codes"), getattr(layer, f"{side}_scales")
+            if split is not None:
+                codes, scales = split.encode(x)
+            elif _codes_kernel_applies(layer, x, bits):  # one GEMM, then one launch that writes the slots
                 from .kernels import codes as code_kernels
 
                 y = matmul_rows(x.to(torch.float32), getattr(layer, f"rotation_{side}").T)
                 code_kernels.encode_rows(y, slots, getattr(layer, f"{side}_thresholds"),
-                                         getattr(layer, f"{side}_centroids"), bits, getattr(layer, f"{side}_codes"),
-                                         getattr(layer, f"{side}_scales"))
+                                         getattr(layer, f"{side}_centroids"), bits, store_codes, store_scales)
                 continue
-            if split is not None:
-                codes, scales = split.encode(x)
             else:
                 idx, scales = quantizer.encode_indices(x)
                 codes = packing.pack(idx, bits)
-            getattr(layer, f"{side}_codes").index_copy_(2, slots, codes)
-            getattr(layer, f"{side}_scales").index_copy_(2, slots, scales.to(torch.float16))
+            store_codes.index_copy_(2, slots, codes)
+            store_scales.index_copy_(2, slots, scales.to(torch.float16))
     else:
         layer.keys.index_copy_(2, slots, k.to(layer.keys.dtype))
         layer.values.index_copy_(2, slots, v.to(layer.values.dtype))

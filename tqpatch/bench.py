@@ -51,6 +51,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .step import capture_graph, step_function
+
 __all__ = [
     "SCHEMA", "SUITES", "METHODS", "MODEL_SHAPES", "ModelShape", "BenchConfig", "run_bench", "write_outputs",
     "format_markdown", "validate_result", "merge_results", "kernel_bytes", "bf16_kv_bytes", "capacity_batch",
@@ -498,11 +500,7 @@ def _margin(cfg: "BenchConfig") -> int:
     return _MARGIN + max(cfg.steps, 20)
 
 
-def _step_fn(model, cache):
-    def step(tok, pos):
-        return model(tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
-
-    return step
+_step_fn = step_function  # the uncompiled step every timed method compiles (tools import this name)
 
 
 def _compile(fn, enabled: bool, graph: bool = False):
@@ -512,8 +510,6 @@ def _compile(fn, enabled: bool, graph: bool = False):
     if not enabled:
         return fn
     if graph:
-        from .step import capture_graph
-
         return capture_graph(torch.compile(fn, fullgraph=True))
     return torch.compile(fn, fullgraph=True, mode="reduce-overhead")
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["capture_graph", "compile_step"]
+__all__ = ["capture_graph", "compile_step", "step_function"]
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -44,13 +44,19 @@ def compile_step(model: torch.nn.Module, cache, *, capture: bool | None = None) 
     Returns:
         The step function. Off CUDA (or with ``capture=False``) it is the compiled function itself.
     """
-    def step(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return model(tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
-
-    compiled = torch.compile(step, fullgraph=True)
+    compiled = torch.compile(step_function(model, cache), fullgraph=True)
     if capture is None:
         capture = torch.cuda.is_available() and _on_cuda(model)
     return capture_graph(compiled) if capture else compiled
+
+
+def step_function(model: torch.nn.Module, cache) -> StepFn:
+    """The uncompiled decode step: ``step(tok, pos) -> logits`` of one token per row over
+    ``cache`` (what :func:`compile_step` compiles)."""
+    def step(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return model(tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+    return step
 
 
 def capture_graph(fn: StepFn) -> StepFn:
